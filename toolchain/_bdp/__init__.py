@@ -1,0 +1,37 @@
+"""bdp: binary dense prediction, from PyTorch to the robot.
+
+The public Python API (see shared/CONTRACT.md)::
+
+    import bdp
+    bundle_dir = bdp.compile("model.onnx", target="x86", out="bundle/")
+    model = bdp.load("bundle/")
+    outputs = model(x)                 # {name: numpy array}
+    net = bdp.load_model("model.pt")   # torch.nn.Module, eval mode
+
+Heavy libraries (torch, TVM) are imported only when one of these is called.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["compile", "load", "load_model", "__version__"]
+
+
+def compile(model, target="x86", out="bundle", **kwargs):  # noqa: A001 - the contract's name
+    """Compile MODEL (.pt checkpoint, .pt2 program or .onnx) for TARGET into the bundle folder OUT."""
+    from bdp.toolchain.compile import compile_model
+
+    return compile_model(model, target=target, out=out, **kwargs)
+
+
+def load(bundle_dir):
+    """Load a bundle built for this host; returns a callable ``model(x) -> {name: array}``."""
+    from bdp.toolchain.bundle import load_bundle
+
+    return load_bundle(bundle_dir)
+
+
+def load_model(path):
+    """The torch.nn.Module of a bdp checkpoint, in eval mode (loaded with weights_only=True)."""
+    from bdp.toolchain.loading import load_checkpoint
+
+    return load_checkpoint(path)

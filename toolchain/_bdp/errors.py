@@ -1,0 +1,22 @@
+"""Errors shared by every layer of bdp.
+
+``InputError`` is the user's input being at fault (missing or corrupt file, unsupported op,
+wrong shape): the CLI prints its message on one line and exits with code 2. Anything else that
+escapes is a fault of bdp itself (exit code 1).
+"""
+
+
+class InputError(Exception):
+    """The input was at fault. The message is one line naming the file, node or value and what to do."""
+
+
+class UnsupportedOpError(InputError):
+    """A node the compiler cannot handle."""
+
+    def __init__(self, node_name, op_type, why=""):
+        msg = f"node '{node_name}' ({op_type}) is not supported by bdp's compiler"
+        if why:
+            msg += f": {why}"
+        super().__init__(msg)
+        self.node_name = node_name
+        self.op_type = op_type
