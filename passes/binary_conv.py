@@ -1,0 +1,215 @@
+"""Recognise sign + conv and rewrite it to ``bdp.BinaryConv`` with bit-packed weights.
+
+Matched pattern (after canonicalisation)::
+
+    X -> BINARIZE -> [Pad(constant v, H/W only)] -> Conv(W const, [B const]) -> Y
+
+BINARIZE is one of
+
+* ``Sign(X)`` (third-party exports: ``torch.sign``). ``Sign`` gives 0 at exactly 0; a packed-bit
+  kernel has no 0, so bdp reads ``sgn(0) = +1`` (Larq's and every BNN runtime's convention).
+  The two differ only on inputs that are exactly 0; the report notes every such node.
+* ``Where(GreaterOrEqual(X, t), 1, -1)`` or ``Where(Less(X, t), -1, 1)`` with a scalar constant
+  ``t`` (bdp's own export, ``torch.where(x >= t, 1., -1.)``, ste_sign spellings).
+
+W must be ``+/-alpha_m`` in each output channel m (any positive alpha, per channel; BatchNorm
+already folded in, so a negative BN scale shows up as flipped signs). Zero padding is the conv's
+``pads``; a ``Pad`` with value 1 or -1 in front becomes ``pad_value``. A Conv that does not fit
+is left in float, and the report says why.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .canonicalize import const_value, from_gs, to_gs
+from .core import register_pass
+from .ops import BINARY_CONV, DOMAIN, pack_signs
+
+
+def _scalar(t):
+    """The value of a constant whose elements are all equal (a scalar, or a folded ones_like)."""
+    v = const_value(t)
+    if v is None or v.size == 0:
+        return None
+    first = v.reshape(-1)[0]
+    if v.size > 1 and not np.all(v == first):
+        return None
+    return float(first)
+
+
+def match_binarizer(t: gs.Tensor):
+    """If tensor T is the output of a recognised binarizer: (input tensor, threshold, node, kind)."""
+    if len(t.inputs) != 1:
+        return None
+    n = t.inputs[0]
+    if n.op == "Sign":
+        return n.inputs[0], 0.0, n, "Sign"
+    if n.op == "Where" and len(n.inputs) == 3:
+        cond, a, b = n.inputs
+        av, bv = _scalar(a), _scalar(b)
+        if av is None or bv is None or len(cond.inputs) != 1:
+            return None
+        c = cond.inputs[0]
+        if c.op not in ("GreaterOrEqual", "Less") or len(c.inputs) != 2:
+            return None
+        thr = _scalar(c.inputs[1])
+        if thr is None:
+            return None
+        if c.op == "GreaterOrEqual" and (av, bv) == (1.0, -1.0):
+            return c.inputs[0], thr, n, "Where(x>=t)"
+        if c.op == "Less" and (av, bv) == (-1.0, 1.0):
+            return c.inputs[0], thr, n, "Where(x<t)"
+    return None
+
+
+def _pad_attrs(pad: gs.Node):
+    """(value, [t, l, b, r]) of a constant Pad on H/W only, else None."""
+    if pad.attrs.get("mode", "constant") not in ("constant", b"constant"):
+        return None
+    pads = const_value(pad.inputs[1]) if len(pad.inputs) > 1 else None
+    if pads is None:
+        return None
+    pads = [int(p) for p in pads.reshape(-1)]
+    value = 0.0
+    if len(pad.inputs) > 2 and pad.inputs[2].name:
+        value = _scalar(pad.inputs[2])
+        if value is None:
+            return None
+    axes = None
+    if len(pad.inputs) > 3 and pad.inputs[3].name:
+        axes = const_value(pad.inputs[3])
+        if axes is None:
+            return None
+        axes = [int(a) % 4 for a in axes.reshape(-1)]
+    if axes is None:
+        if len(pads) != 8 or any(pads[i] for i in (0, 1, 4, 5)):
+            return None
+        begin, end = pads[2:4], pads[6:8]
+    else:
+        k = len(axes)
+        full_b, full_e = [0] * 4, [0] * 4
+        for i, a in enumerate(axes):
+            full_b[a], full_e[a] = pads[i], pads[k + i]
+        if full_b[0] or full_b[1] or full_e[0] or full_e[1]:
+            return None
+        begin, end = full_b[2:], full_e[2:]
+    if any(p < 0 for p in begin + end):
+        return None
+    return value, [begin[0], begin[1], end[0], end[1]]
+
+
+def sign_scale(w: np.ndarray, rtol=1e-6):
+    """(wsign, alpha) if every output channel of W is +/-alpha_m, else None."""
+    m = w.shape[0]
+    flat = np.abs(w.reshape(m, -1).astype(np.float64))
+    alpha = flat.max(axis=1)
+    lo = flat.min(axis=1)
+    if np.any(alpha - lo > rtol * np.maximum(alpha, 1e-30)):
+        return None
+    wsign = np.where(w >= 0, 1.0, -1.0).astype(np.float32)
+    return wsign, alpha.astype(np.float32)
+
+
+def fuse_binary_convs(model, report, pass_name="fuse-binary-conv"):
+    graph = to_gs(model)
+    count = 0
+    for conv in [n for n in graph.nodes if n.op == "Conv"]:
+        why = _try_fuse(graph, conv, report, pass_name)
+        if why is None:
+            count += 1
+        elif why:
+            report.leave(conv.name, "Conv", why)
+    return from_gs(graph, model)
+
+
+def _try_fuse(graph, conv, report, pass_name):
+    """Rewrite CONV in place; returns None when fused, '' when not binary at all, else the reason."""
+    x = conv.inputs[0]
+    pad_value, pre_pads, pad_node = 0.0, [0, 0, 0, 0], None
+    if len(x.inputs) == 1 and x.inputs[0].op == "Pad":
+        pad_node = x.inputs[0]
+        pa = _pad_attrs(pad_node)
+        if pa is None:
+            return "input Pad is not a constant pad of H/W"
+        pad_value, pre_pads = pa
+        x = pad_node.inputs[0]
+    m = match_binarizer(x)
+    if m is None:
+        return "" if pad_node is None else "input is not binarized"
+    src, thr, bin_node, kind = m
+    if pad_value not in (0.0, 1.0, -1.0):
+        return f"Pad value {pad_value:g} is not 0, 1 or -1 in the sign domain"
+    w = const_value(conv.inputs[1])
+    if w is None:
+        return "weights are not constant"
+    if w.ndim != 4:
+        return f"{w.ndim - 2}-D convolution (only 2-D is binary)"
+    ss = sign_scale(w)
+    if ss is None:
+        return "input is binarized but the weights are not +/-alpha per output channel"
+    wsign, alpha = ss
+    auto_pad = conv.attrs.get("auto_pad", "NOTSET")
+    if isinstance(auto_pad, bytes):
+        auto_pad = auto_pad.decode()
+    if auto_pad not in ("NOTSET", "VALID"):
+        return f"auto_pad={auto_pad} (run shape inference / export with explicit pads)"
+    conv_pads = [int(p) for p in conv.attrs.get("pads", [0, 0, 0, 0])] if auto_pad == "NOTSET" else [0] * 4
+    if any(conv_pads) and pad_value != 0.0:
+        return "Pad with a non-zero value followed by a Conv with its own zero padding"
+    pads = [a + b for a, b in zip(pre_pads, conv_pads)]
+    kshape = list(w.shape[2:])
+    group = int(conv.attrs.get("group", 1))
+    b = const_value(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2].name else None
+    if len(conv.inputs) > 2 and conv.inputs[2].name and b is None:
+        return "bias is not constant"
+    bias = np.zeros(w.shape[0], np.float32) if b is None else b.astype(np.float32)
+
+    y = conv.outputs[0]
+    name = conv.name
+    wbits = gs.Constant(name + "_wbits", pack_signs(wsign))
+    scale = gs.Constant(name + "_scale", alpha)
+    bias_c = gs.Constant(name + "_bias", bias)
+    node = gs.Node(
+        op=BINARY_CONV,
+        name=name,
+        domain=DOMAIN,
+        attrs={
+            "kernel_shape": kshape,
+            "strides": [int(s) for s in conv.attrs.get("strides", [1, 1])],
+            "dilations": [int(d) for d in conv.attrs.get("dilations", [1, 1])],
+            "pads": pads,
+            "group": group,
+            "act_threshold": float(thr),
+            "pad_value": float(pad_value),
+        },
+        inputs=[src, wbits, scale, bias_c],
+        outputs=[y],
+    )
+    conv.outputs = []
+    conv.inputs = []
+    graph.nodes.append(node)
+    what = f"{kind} + Conv {kshape[0]}x{kshape[1]} -> bdp.BinaryConv ({w.shape[1] * group}->{w.shape[0]} ch)"
+    if pad_node is not None:
+        what += f", Pad(value={pad_value:g}) folded"
+    report.fuse(pass_name, name, what)
+    if kind == "Sign":
+        report.notes.append(f"{name}: Sign read as sgn(0)=+1 (differs from ONNX Sign only where the input is exactly 0)")
+    return None
+
+
+register_pass("fuse-binary-conv", "sign + [Pad] + Conv with +/-alpha weights -> bdp.BinaryConv (packed weights)")(
+    fuse_binary_convs)
+
+
+@register_pass("report-float", "list the nodes left in float with the reason for each")
+def report_float(model, report):
+    from .ops import DOMAIN as BDP
+
+    for n in model.graph.node:
+        if n.domain == BDP:
+            continue
+        if n.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm") and n.name not in report.left_float:
+            report.leave(n.name, n.op_type, "input is not binarized (float layer)")
+    return model

@@ -1,0 +1,110 @@
+"""Canonicalisation: name every node, infer shapes, fold constants, fold BatchNorm into Conv.
+
+After these passes the weights of a binary conv are one constant tensor whatever way the source
+computed them (``alpha * sign(W)`` in the graph, stored signs times scales, BN folded or not),
+which is the form the binary-conv pass matches.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .core import register_pass
+
+
+def to_gs(model: onnx.ModelProto) -> gs.Graph:
+    return gs.import_onnx(model)
+
+
+def from_gs(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    out = gs.export_onnx(graph, do_type_check=False)
+    out.ir_version = like.ir_version
+    del out.opset_import[:]
+    out.opset_import.extend(like.opset_import)
+    out.functions.extend(like.functions)
+    out.producer_name = like.producer_name or "bdp"
+    for p in like.metadata_props:
+        out.metadata_props.add(key=p.key, value=p.value)
+    return out
+
+
+def const_value(t):
+    """numpy value of a gs tensor if it is a constant (initializer or Constant node), else None."""
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values)
+    if isinstance(t, gs.Variable) and len(t.inputs) == 1 and t.inputs[0].op == "Constant":
+        v = t.inputs[0].attrs.get("value")
+        if isinstance(v, gs.Constant):
+            return np.asarray(v.values)
+        if v is not None:
+            return np.asarray(v)
+    return None
+
+
+@register_pass("name-nodes", "give every node a unique name (reports and errors name nodes)")
+def name_nodes(model, report):
+    seen = set()
+    for i, n in enumerate(model.graph.node):
+        name = n.name or f"{n.op_type}_{i}"
+        while name in seen:
+            name = f"{name}_{i}"
+        n.name = name
+        seen.add(name)
+    return model
+
+
+@register_pass("fold-constants", "constant-fold subgraphs that depend only on initializers (onnx-graphsurgeon)")
+def fold_constants(model, report):
+    graph = to_gs(model)
+    graph.fold_constants(error_ok=True, fold_shapes=True, size_threshold=None)
+    return from_gs(graph, model)
+
+
+@register_pass("infer-shapes", "ONNX shape inference (value_info for every tensor it can type)")
+def infer_shapes(model, report):
+    from .ops import attach_functions
+
+    try:
+        return onnx.shape_inference.infer_shapes(attach_functions(model), data_prop=True)
+    except Exception as e:  # shape inference is advisory: a model it cannot type still compiles
+        report.notes.append(f"shape inference skipped: {str(e).splitlines()[0][:200]}")
+        return model
+
+
+@register_pass("fold-batchnorm", "fold inference BatchNormalization into the Conv before it")
+def fold_batchnorm(model, report):
+    graph = to_gs(model)
+    for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
+        x = bn.inputs[0]
+        if len(x.inputs) != 1 or x.inputs[0].op != "Conv" or len(x.outputs) != 1 or len(bn.outputs) != 1:
+            continue
+        if bn.attrs.get("training_mode", 0):
+            continue
+        conv = x.inputs[0]
+        w = const_value(conv.inputs[1])
+        vals = [const_value(t) for t in bn.inputs[1:5]]
+        if w is None or any(v is None for v in vals):
+            continue
+        gamma, beta, mean, var = (v.astype(np.float64) for v in vals)
+        eps = float(bn.attrs.get("epsilon", 1e-5))
+        s = gamma / np.sqrt(var + eps)
+        b = const_value(conv.inputs[2]) if len(conv.inputs) > 2 else None
+        b = np.zeros(w.shape[0]) if b is None else b.astype(np.float64)
+        # W' = W * s per output channel. Multiply in float32 so that a channel of equal |W|
+        # stays a channel of equal |W'| (every element sees the same product).
+        w_new = (w.astype(np.float32) * s.astype(np.float32).reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
+        b_new = ((b - mean) * s + beta).astype(np.float32)
+        conv.inputs[1] = gs.Constant(conv.name + "_W_bn", w_new)
+        if len(conv.inputs) > 2:
+            conv.inputs[2] = gs.Constant(conv.name + "_B_bn", b_new)
+        else:
+            conv.inputs.append(gs.Constant(conv.name + "_B_bn", b_new))
+        out = bn.outputs[0]
+        conv.outputs = [out]
+        bn.outputs = []
+        bn.inputs = []
+        report.notes.append(f"folded {bn.name} into {conv.name}")
+    return from_gs(graph, model)

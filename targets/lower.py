@@ -1,0 +1,147 @@
+"""Lower an ONNX graph (standard ops + ``bdp`` ops) to a TVM Relax module and build it.
+
+The standard ops go through TVM's Relax ONNX frontend. That frontend has no hook for custom
+domains, so while importing, bdp adds its own converters to the frontend's op table (restored
+afterwards): each ``bdp.BinaryConv`` becomes a ``call_tir`` of the packed-bit TE kernel in
+:mod:`bdp.targets.kernels`, with its weights re-packed into the kernel's layout at compile time.
+Kernels are then scheduled per target (:mod:`bdp.targets.schedules`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import onnx
+
+from bdp.errors import InputError, UnsupportedOpError
+
+BDP_KERNEL_ATTR = "bdp.kernel"
+
+
+def _const(expr, what):
+    from tvm.ir.expr import Constant
+
+    if not isinstance(expr, Constant):
+        raise InputError(f"{what} must be a constant (initializer)")
+    return expr.value.numpy()
+
+
+def _static_shape(expr, what):
+    try:
+        return [int(s) for s in expr.ty.shape]
+    except Exception:
+        raise InputError(f"{what} has a dynamic shape; pass --input-shape N,C,H,W") from None
+
+
+def _binary_conv_converter():
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    from .kernels import BinaryConvParams, binary_conv_te, pack_weights
+
+    class BinaryConvConverter(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            name = attr["tvm_custom"]["name"]
+            x, wbits, scale, bias = inputs[:4]
+            n, c, h, w = _static_shape(x, f"input of {name}")
+            wb = _const(wbits, f"{name}: Wbits")
+            sc = _const(scale, f"{name}: scale").astype(np.float32)
+            bi = _const(bias, f"{name}: bias").astype(np.float32)
+            kh, kw = (int(k) for k in attr["kernel_shape"])
+            p = BinaryConvParams(
+                n=n, c=c, h=h, w=w, m=int(wb.shape[0]), kh=kh, kw=kw,
+                strides=tuple(int(s) for s in attr.get("strides", (1, 1))),
+                dilations=tuple(int(d) for d in attr.get("dilations", (1, 1))),
+                pads=tuple(int(q) for q in attr.get("pads", (0, 0, 0, 0))),
+                group=int(attr.get("group", 1)),
+                act_threshold=float(attr.get("act_threshold", 0.0)),
+                pad_value=float(attr.get("pad_value", 0.0)),
+            )
+            if c % p.group or p.m % p.group:
+                raise InputError(f"{name}: channels {c} -> {p.m} not divisible by group {p.group}")
+            wp, corr_tap = pack_weights(wb, p)
+            fn_attrs = {BDP_KERNEL_ATTR: "binary_conv", "op_pattern": 8,
+                        "bdp.params": str(p.__dict__)}
+            return bb.emit_te(
+                lambda X, W, S, B, CT: binary_conv_te(X, W, S, B, CT, p),
+                x, relax.const(wp), relax.const(sc), relax.const(bi), relax.const(corr_tap),
+                primfunc_name_hint="bdp_binary_conv",
+                primfunc_attrs=fn_attrs,
+            )
+
+    return BinaryConvConverter
+
+
+@contextlib.contextmanager
+def bdp_frontend():
+    """Teach TVM's Relax ONNX frontend the ``bdp`` ops for the duration of the block."""
+    from tvm.relax.frontend.onnx import onnx_frontend as fe
+
+    orig = fe._get_convert_map
+    extra = {"BinaryConv": _binary_conv_converter()}
+
+    def patched():
+        table = dict(orig())
+        table.update(extra)
+        return table
+
+    fe._get_convert_map = patched
+    try:
+        yield
+    finally:
+        fe._get_convert_map = orig
+
+
+def supported_ops() -> set:
+    from tvm.relax.frontend.onnx import onnx_frontend as fe
+
+    return set(fe._get_convert_map()) | {"BinaryConv", "Constant", "If"}
+
+
+def check_supported(model: onnx.ModelProto):
+    """Raise UnsupportedOpError naming the first node the compiler cannot handle."""
+    from bdp.passes.ops import DOMAIN
+
+    ok = supported_ops()
+    for node in model.graph.node:
+        if node.domain == DOMAIN and node.op_type != "BinaryConv":
+            raise UnsupportedOpError(node.name, f"{node.domain}.{node.op_type}", "this bdp op has no kernel yet")
+        if node.domain not in ("", "ai.onnx", DOMAIN):
+            raise UnsupportedOpError(node.name, f"{node.domain}.{node.op_type}",
+                                     "custom domain; re-export with standard ONNX ops")
+        if node.op_type not in ok:
+            raise UnsupportedOpError(node.name, node.op_type, "TVM's ONNX frontend has no converter for it")
+
+
+def import_onnx(model: onnx.ModelProto, input_shapes: dict):
+    """Relax IRModule of MODEL (params folded in as constants)."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    check_supported(model)
+    with bdp_frontend():
+        mod = from_onnx(model, shape_dict=input_shapes, keep_params_in_input=False)
+    return mod
+
+
+def build(mod, spec, progress=None):
+    """Schedule bdp kernels for SPEC and build; returns the TVM Executable."""
+    import tvm
+
+    from .schedules import schedule_module
+
+    target = tvm.target.Target(spec.tvm)
+    mod = schedule_module(mod, spec)
+    if progress:
+        progress("tvm build")
+    with target:
+        ex = tvm.compile(mod, target=target)
+    return ex
+
+
+def export_library(ex, path, spec):
+    if spec.cross_cc:
+        ex.export_library(path, cc=spec.cross_cc)
+    else:
+        ex.export_library(path)

@@ -1,0 +1,216 @@
+"""``bdp compile``: MODEL -> ONNX -> passes -> TVM -> bundle."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+
+import numpy as np
+import onnx
+
+import bdp
+from bdp.errors import InputError
+
+from .bundle import LIBRARY, atomic_bundle, finalize_manifest
+from .loading import task_of, to_onnx
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def _graph_input(model: onnx.ModelProto):
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise InputError(f"model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
+                         "bdp compiles single-input dense predictors")
+    return inputs[0]
+
+
+def _resolve_shape(inp, given, path):
+    dims = inp.type.tensor_type.shape.dim
+    static = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+    if given is not None:
+        given = tuple(given)
+        if len(given) != len(static):
+            raise InputError(f"--input-shape {','.join(map(str, given))}: the model's input '{inp.name}' has rank {len(static)}")
+        for g, s in zip(given, static):
+            if s is not None and s != g:
+                raise InputError(f"--input-shape {','.join(map(str, given))} contradicts the model's input "
+                                 f"'{inp.name}' shape {['?' if s is None else s for s in static]}")
+        return given
+    if any(s is None for s in static) or not static:
+        raise InputError(f"{path}: input '{inp.name}' has an open shape "
+                         f"{['?' if s is None else s for s in static]}; pass --input-shape N,C,H,W")
+    return tuple(static)
+
+
+def _fix_input_shape(model, name, shape):
+    for inp in model.graph.input:
+        if inp.name == name:
+            dims = inp.type.tensor_type.shape.dim
+            del dims[:]
+            for s in shape:
+                dims.add().dim_value = int(s)
+    return model
+
+
+def _weights_bytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for t in model.graph.initializer:
+        total += int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    total += int(np.prod(a.t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(a.t.data_type).itemsize
+    return total
+
+
+def _stats(final, source, report):
+    from bdp.passes.ops import DOMAIN
+
+    binary = [n for n in final.graph.node if n.domain == DOMAIN and n.op_type == "BinaryConv"]
+    fp = [n for n in final.graph.node if n.domain in ("", "ai.onnx") and n.op_type in ("Conv", "ConvTranspose")]
+    return {
+        "binary_convs": len(binary),
+        "fp_convs": len(fp),
+        "weights_bytes": _weights_bytes(final),
+        "source_weights_bytes": _weights_bytes(source),
+        "left_float": len(report.left_float),
+    }
+
+
+def _preprocess(info, shape):
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if info.get("arch"):
+        try:
+            from bdp.models import data as _data
+
+            mean = list(map(float, getattr(_data, "IMAGE_MEAN", mean)))
+            std = list(map(float, getattr(_data, "IMAGE_STD", std)))
+        except ImportError:
+            pass
+    return {"kind": "image", "layout": "NCHW", "channels": "RGB", "resize": [int(shape[2]), int(shape[3])],
+            "scale": 1.0 / 255.0, "mean": mean, "std": std}
+
+
+class _Stages:
+    """A progress bar over the compile stages (quiet when not on a terminal or disabled)."""
+
+    def __init__(self, enabled, total):
+        self.bar = None
+        self.t0 = time.time()
+        self.times = {}
+        self._cur = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="bdp compile", unit="stage", leave=False,
+                            bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}] {postfix}")
+
+    def __call__(self, name):
+        now = time.time()
+        if self._cur:
+            self.times[self._cur] = round(now - self._t, 3)
+            if self.bar:
+                self.bar.update(1)
+        self._cur, self._t = name, now
+        if self.bar:
+            self.bar.set_postfix_str(name)
+
+    def close(self):
+        self("")
+        if self.bar:
+            self.bar.close()
+
+
+def compile_model(model, target="x86", out="bundle", *, input_shape=None, pipeline="default", dump_after=None,
+                  verify=False, reference=True, progress=False, report_path=None):
+    """Compile MODEL for TARGET into bundle folder OUT; returns OUT. See ``bdp compile --help``."""
+    from bdp.passes import attach_functions, run_pipeline
+    from bdp.passes.core import run_onnxruntime
+    from bdp.targets.lower import build, export_library, import_onnx
+    from bdp.targets.spec import get_target
+
+    spec = get_target(target)
+    stages = _Stages(progress, 6)
+    stages("load")
+    source, info = to_onnx(str(model), input_shape)
+    inp = _graph_input(source)
+    shape = _resolve_shape(inp, info.get("input_shape") if info["source"] != "onnx" else input_shape, model)
+    source = _fix_input_shape(source, inp.name, shape)
+    stages("passes")
+    dump_dir = os.path.join(os.path.dirname(os.path.abspath(out)), os.path.basename(os.path.abspath(out)) + ".passes")
+    final, report = run_pipeline(source, pipeline, verify=verify, dump_after=dump_after, dump_dir=dump_dir,
+                                 shapes={inp.name: shape})
+    stages("shapes")
+    x0 = np.zeros(shape, np.float32)
+    try:
+        ref_outs = run_onnxruntime(final, {inp.name: x0})
+    except Exception as e:
+        raise InputError(f"{model}: onnxruntime cannot run the model after passes "
+                         f"({str(e).strip().splitlines()[0][:200]})") from None
+    out_names = [o.name for o in final.graph.output]
+    outputs = [{"name": n, "shape": list(a.shape), "dtype": str(a.dtype), "task": task_of(n)}
+               for n, a in zip(out_names, ref_outs)]
+    stages("import")
+    mod = import_onnx(final, {inp.name: list(shape)})
+    stages("build")
+    ex = build(mod, spec)
+    stages("bundle")
+    with atomic_bundle(out) as tmp:
+        export_library(ex, os.path.join(tmp, LIBRARY), spec)
+        if reference:
+            ref = copy.deepcopy(source)
+            if ref.ir_version > 10:
+                ref.ir_version = 10
+            onnx.save(attach_functions(ref), os.path.join(tmp, "reference.onnx"))
+        with open(os.path.join(tmp, "report.json"), "w") as f:
+            json.dump(report.to_dict(), f, indent=2)
+        if spec.arch == "aarch64":
+            from bdp.targets import aarch64
+
+            aarch64.add_device_files(tmp)
+        import tvm
+
+        manifest = {
+            "bdp_version": bdp.__version__,
+            "tvm_version": tvm.__version__,
+            "target": {"name": spec.name, "arch": spec.arch, "tvm": spec.tvm, "description": spec.description,
+                       "popcount": spec.popcount_isa,
+                       "run_on_hardware": spec.host_runnable},
+            "source": {"kind": info["source"], "file": os.path.basename(str(model)), "arch": info.get("arch"),
+                       "config": info.get("config") or {}},
+            "input": {"name": inp.name, "shape": list(shape), "dtype": "float32",
+                      "preprocess": _preprocess(info, shape)},
+            "outputs": outputs,
+            "stats": _stats(final, source, report),
+            "library": LIBRARY,
+        }
+        if spec.arch == "cuda":
+            manifest["target"]["note"] = ("CUDA bundle built on a host without a GPU: it compiled, "
+                                          "it has not been run on a GPU")
+        stages.close()
+        manifest["compile_seconds"] = dict(stages.times, total=round(time.time() - stages.t0, 3))
+        finalize_manifest(tmp, manifest)
+        if verify and spec.host_runnable:
+            _verify_bundle(tmp, source, inp.name, shape, out_names)
+    return out
+
+
+def _verify_bundle(bundle_dir, source, input_name, shape, out_names):
+    """Compare the compiled bundle with onnxruntime on the source model (random input)."""
+    from bdp.passes.core import run_onnxruntime
+
+    from .bundle import load_bundle
+
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    got = load_bundle(bundle_dir)(x)
+    want = dict(zip(out_names, run_onnxruntime(source, {input_name: x})))
+    for n in out_names:
+        d = float(np.abs(got[n] - want[n]).max()) / max(1.0, float(np.abs(want[n]).max()))
+        if d > 1e-4:
+            raise RuntimeError(f"compiled output '{n}' differs from onnxruntime by {d:.3g} (relative)")

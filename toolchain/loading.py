@@ -1,0 +1,249 @@
+"""Load a MODEL in any of the contract's three forms and bring it to ONNX.
+
+* ``.pt``: a bdp checkpoint, loaded with ``torch.load(weights_only=True)``;
+* ``.pt2``: a ``torch.export`` program (``torch.export.save``);
+* ``.onnx``: opset 13 or newer, standard ops, QONNX or ``bdp`` ops.
+
+Every failure caused by the file (missing, truncated, random bytes, hostile pickle, wrong
+kind) raises :class:`bdp.errors.InputError` with one line naming the file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+import zipfile
+
+from bdp.errors import InputError
+
+MIN_OPSET = 13
+DEFAULT_SHAPE = (1, 3, 256, 320)
+
+
+def model_kind(path) -> str:
+    path = str(path)
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a folder, expected a .pt, .pt2 or .onnx file")
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".pt", ".pth"):
+        return "checkpoint"
+    if ext == ".pt2":
+        return "exported-program"
+    if ext == ".onnx":
+        return "onnx"
+    raise InputError(f"{path}: unknown model format '{ext}' (expected .pt, .pt2 or .onnx)")
+
+
+def load_checkpoint(path):
+    """The torch.nn.Module of a bdp checkpoint, in eval mode."""
+    from bdp.models.checkpoint import load_checkpoint as _load
+
+    return _load(str(path))
+
+
+def load_onnx(path):
+    import onnx
+
+    path = str(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    if not data:
+        raise InputError(f"{path}: empty file")
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception:
+        raise InputError(f"{path}: not a valid ONNX model (cannot parse protobuf; truncated or corrupt?)") from None
+    if not model.graph.node and not model.graph.output:
+        raise InputError(f"{path}: not a valid ONNX model (no graph)")
+    # external data would be a path on disk that the model names: refuse anything leaving its folder
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = next((e.value for e in t.external_data if e.key == "location"), "")
+            if os.path.isabs(loc) or ".." in loc.replace("\\", "/").split("/"):
+                raise InputError(f"{path}: initializer '{t.name}' names external data outside its folder ({loc})")
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        try:
+            from onnx.external_data_helper import load_external_data_for_model
+
+            load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+        except Exception as e:
+            raise InputError(f"{path}: cannot load external data ({str(e).splitlines()[0][:160]})") from None
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None or opset < MIN_OPSET:
+        raise InputError(f"{path}: ONNX opset {opset} is older than {MIN_OPSET}; re-export with opset_version>={MIN_OPSET}")
+    try:
+        from bdp.passes.ops import register_schemas
+
+        register_schemas()
+        onnx.checker.check_model(model)
+    except Exception as e:
+        msg = str(e).strip().splitlines()
+        raise InputError(f"{path}: invalid ONNX model ({(msg[0] if msg else type(e).__name__)[:200]})") from None
+    return model
+
+
+def load_exported_program(path):
+    import torch
+
+    path = str(path)
+    try:
+        zipfile.ZipFile(path).close()
+    except (zipfile.BadZipFile, OSError):
+        raise InputError(f"{path}: not a torch.export program (not a zip archive)") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.load(path)
+    except Exception as e:
+        msg = str(e).strip().splitlines()
+        raise InputError(f"{path}: cannot load torch.export program ({(msg[0] if msg else type(e).__name__)[:200]})") from None
+
+
+def parse_shape(text):
+    """'1,3,256,320' -> (1, 3, 256, 320); InputError on anything else."""
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(s) for s in str(text).replace("x", ",").split(","))
+    except ValueError:
+        raise InputError(f"--input-shape '{text}': expected N,C,H,W (four positive integers)") from None
+    if len(shape) != 4 or any(s <= 0 for s in shape):
+        raise InputError(f"--input-shape '{text}': expected N,C,H,W (four positive integers)")
+    return shape
+
+
+def export_torch(module_or_program, input_shape, output_names=None):
+    """ONNX ModelProto of a torch module (eval mode) or ExportedProgram, via torch.onnx (dynamo)."""
+    import logging
+
+    import torch
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    x = torch.zeros(input_shape)
+    with warnings.catch_warnings(), _quiet():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(module_or_program, (x,), dynamo=True, verbose=False, optimize=True,
+                                 input_names=["input"], external_data=False)
+    model = prog.model_proto
+    if output_names:
+        rename_outputs(model, output_names)
+    return model
+
+
+class _quiet:
+    """Silence the exporter's progress prints (it writes to stdout)."""
+
+    def __enter__(self):
+        import contextlib
+
+        self._buf = io.StringIO()
+        self._cm = contextlib.redirect_stdout(self._buf)
+        self._cm.__enter__()
+
+    def __exit__(self, *exc):
+        self._cm.__exit__(*exc)
+
+
+def rename_outputs(model, names):
+    """Give graph outputs the names NAMES (renaming the tensors everywhere)."""
+    outs = list(model.graph.output)
+    if len(outs) != len(names):
+        raise RuntimeError(f"model has {len(outs)} outputs, expected {len(names)} names")
+    mapping = {o.name: n for o, n in zip(outs, names) if o.name != n}
+    if not mapping:
+        return model
+    for node in model.graph.node:
+        for i, t in enumerate(node.input):
+            if t in mapping:
+                node.input[i] = mapping[t]
+        for i, t in enumerate(node.output):
+            if t in mapping:
+                node.output[i] = mapping[t]
+    for o in model.graph.output:
+        o.name = mapping.get(o.name, o.name)
+    for vi in model.graph.value_info:
+        vi.name = mapping.get(vi.name, vi.name)
+    return model
+
+
+def task_of(name: str) -> str:
+    for t in ("semseg", "depth", "normals", "edges"):
+        if name == t or name.startswith(t):
+            return t
+    return "unknown"
+
+
+def to_onnx(path, input_shape=None):
+    """(ONNX ModelProto, info) for MODEL at PATH in any supported form.
+
+    info: {"source": kind, "arch": name or None, "input_shape": tuple, "config": dict}
+    """
+    kind = model_kind(path)
+    shape = tuple(input_shape) if input_shape else None
+    info = {"source": kind, "arch": None, "config": {}}
+    if kind == "checkpoint":
+        module = load_checkpoint(path)
+        shape = shape or DEFAULT_SHAPE
+        info["arch"] = getattr(module, "bdp_arch", None)
+        info["config"] = dict(getattr(module, "bdp_config", {}))
+        names = _output_names(module, shape)
+        model = export_torch(module, shape, names)
+    elif kind == "exported-program":
+        prog = load_exported_program(path)
+        if shape is None:
+            shape = _program_input_shape(prog, path)
+        try:
+            model = export_torch(prog, shape)
+        except InputError:
+            raise
+        except Exception as e:
+            msg = str(e).strip().splitlines()
+            raise InputError(f"{path}: cannot export this program to ONNX ({(msg[0] if msg else '')[:200]})") from None
+        try:
+            names = _program_output_names(prog)
+            if names and len(names) == len(model.graph.output):
+                rename_outputs(model, names)
+        except Exception:
+            pass
+    else:
+        model = load_onnx(path)
+    info["input_shape"] = shape
+    return model, info
+
+
+def _output_names(module, shape):
+    import torch
+
+    with torch.no_grad():
+        out = module(torch.zeros(shape))
+    if isinstance(out, dict):
+        return list(out.keys())
+    if isinstance(out, (tuple, list)):
+        return [f"output{i}" for i in range(len(out))]
+    return ["output"]
+
+
+def _program_input_shape(prog, path):
+    for spec in prog.graph_signature.input_specs:
+        if spec.kind.name == "USER_INPUT":
+            node = next(n for n in prog.graph.nodes if n.name == spec.arg.name)
+            val = node.meta.get("val")
+            if val is not None:
+                try:
+                    return tuple(int(s) for s in val.shape)
+                except (TypeError, ValueError):
+                    break
+    raise InputError(f"{path}: the program's input shape is dynamic; pass --input-shape N,C,H,W")
+
+
+def _program_output_names(prog):
+    spec = prog.call_spec.out_spec
+    if spec is not None and spec.context and isinstance(spec.context, (list, tuple)):
+        return [str(k) for k in spec.context]
+    return None

@@ -1,0 +1,174 @@
+"""``bdp profile``: latency of a bundle (median, p90, p99), per-op breakdown, FP32 baseline.
+
+Local profiling times the bundle's Relax VM on this host: warm-up runs, then N timed runs of
+the whole model; a separate instrumented pass through the VM gives per-op times (each
+``call_tir`` kernel, by its symbol). The FP32 baseline is the bundle's ``reference.onnx`` run
+by onnxruntime on the same host, timed the same way, with the same number of threads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+from bdp.errors import InputError
+
+
+def summarize(times_ms) -> dict:
+    a = np.asarray(times_ms, dtype=np.float64)
+    return {
+        "runs": int(a.size),
+        "median_ms": float(np.median(a)),
+        "p90_ms": float(np.percentile(a, 90)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "min_ms": float(a.min()),
+        "mean_ms": float(a.mean()),
+    }
+
+
+def time_callable(fn, runs, warmup):
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def per_op_breakdown(bundle, x_dev, runs=3) -> list:
+    """[{op, calls, total_ms, share}] from VM instrumentation (kernel calls by symbol)."""
+    import tvm
+
+    acc = {}
+    state = {}
+
+    def instrument(func, func_symbol, before_run, ret_value, *args):
+        if before_run:
+            state[func_symbol] = time.perf_counter()
+        else:
+            t0 = state.pop(func_symbol, None)
+            if t0 is not None:
+                d = acc.setdefault(func_symbol, [0, 0.0])
+                d[0] += 1
+                d[1] += (time.perf_counter() - t0) * 1e3
+        return 0
+
+    vm = bundle._vm
+    vm.set_instrument(tvm.runtime.convert(instrument) if hasattr(tvm.runtime, "convert") else instrument)
+    try:
+        for _ in range(runs):
+            bundle.run_raw(x_dev)
+    finally:
+        vm.set_instrument(None)
+    total = sum(v[1] for v in acc.values()) or 1.0
+    rows = [{"op": k, "calls": v[0] // runs, "total_ms": v[1] / runs, "share": v[1] / total}
+            for k, v in acc.items() if not k.startswith("vm.builtin.")]
+    rows.sort(key=lambda r: -r["total_ms"])
+    return rows
+
+
+def fp32_baseline(bundle_dir, manifest, x, runs, warmup):
+    ref = os.path.join(bundle_dir, "reference.onnx")
+    if not os.path.isfile(ref):
+        return None, "bundle compiled with --no-reference: no FP32 model to time"
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))
+    sess = ort.InferenceSession(ref, so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    times = time_callable(lambda: sess.run(None, {name: x}), runs, warmup)
+    return summarize(times), None
+
+
+def profile_local(bundle_dir, runs=50, warmup=5):
+    from .bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    manifest = bundle.manifest
+    shape = tuple(manifest["input"]["shape"])
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    x_dev = bundle.to_device(x)
+    times = time_callable(lambda: bundle.run_raw(x_dev), runs, warmup)
+    result = {
+        "device": "local",
+        "host": _host(),
+        "bundle": os.path.abspath(bundle_dir),
+        "target": manifest["target"]["name"],
+        "input_shape": list(shape),
+        "threads": int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1)),
+        "latency": summarize(times),
+        "per_op": per_op_breakdown(bundle, x_dev),
+    }
+    base, why = fp32_baseline(bundle_dir, manifest, x, runs, warmup)
+    result["fp32_onnxruntime"] = base
+    if base:
+        result["speedup_vs_fp32"] = base["median_ms"] / result["latency"]["median_ms"]
+    else:
+        result["fp32_note"] = why
+    return result
+
+
+def _host():
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine()}
+
+
+def format_text(res) -> str:
+    lat = res["latency"]
+    lines = [f"bdp profile: {res['bundle']} on {res['device']} ({res.get('host', {}).get('cpu', '')}), "
+             f"target {res['target']}, input {res['input_shape']}, {lat['runs']} runs",
+             f"  bdp      median {lat['median_ms']:.3f} ms   p90 {lat['p90_ms']:.3f} ms   p99 {lat['p99_ms']:.3f} ms"]
+    base = res.get("fp32_onnxruntime")
+    if base:
+        lines.append(f"  FP32 ORT median {base['median_ms']:.3f} ms   p90 {base['p90_ms']:.3f} ms   p99 {base['p99_ms']:.3f} ms"
+                     f"   (bdp is {res['speedup_vs_fp32']:.2f}x)")
+    elif res.get("fp32_note"):
+        lines.append(f"  FP32 baseline: {res['fp32_note']}")
+    if res.get("per_op"):
+        lines.append("  per op (ms/run, share):")
+        for r in res["per_op"][:15]:
+            lines.append(f"    {r['total_ms']:9.3f}  {100 * r['share']:5.1f}%  x{r['calls']:<3d} {r['op']}")
+    return "\n".join(lines)
+
+
+def write_json(path, res):
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(res, f, indent=2)
+    os.replace(tmp, path)
+
+
+def chart_png(path, res):
+    """A bar chart: latency (bdp vs FP32) and the top ops."""
+    from .charts import bar_chart
+
+    bars = [("bdp median", res["latency"]["median_ms"])]
+    if res.get("fp32_onnxruntime"):
+        bars.append(("ORT FP32 median", res["fp32_onnxruntime"]["median_ms"]))
+    for r in res.get("per_op", [])[:10]:
+        bars.append((r["op"][:40], r["total_ms"]))
+    bar_chart(path, f"bdp profile: {res['target']} on {res['device']} (ms)", bars)
+
+
+def check_runs(runs):
+    if runs < 1:
+        raise InputError("--runs must be at least 1")
