@@ -132,7 +132,7 @@ def compile_model(model, target="x86", out="bundle", *, input_shape=None, pipeli
     """Compile MODEL for TARGET into bundle folder OUT; returns OUT. See ``bdp compile --help``."""
     from bdp.passes import attach_functions, run_pipeline
     from bdp.passes.core import run_onnxruntime
-    from bdp.targets.lower import build, export_library, import_onnx
+    from bdp.targets.lower import build, check_supported, export_library, import_onnx
     from bdp.targets.spec import get_target
 
     spec = get_target(target)
@@ -146,6 +146,7 @@ def compile_model(model, target="x86", out="bundle", *, input_shape=None, pipeli
     dump_dir = os.path.join(os.path.dirname(os.path.abspath(out)), os.path.basename(os.path.abspath(out)) + ".passes")
     final, report = run_pipeline(source, pipeline, verify=verify, dump_after=dump_after, dump_dir=dump_dir,
                                  shapes={inp.name: shape})
+    check_supported(final)
     stages("shapes")
     x0 = np.zeros(shape, np.float32)
     try:
