@@ -305,5 +305,19 @@ def bench_cmd(json_path, chart, quick, only):
     bench.run(json_path=json_path, chart=chart, quick=quick, only=only)
 
 
+@main.command("demo")
+@click.option("-o", "--output", "out", default="demo-out", show_default=True, help="folder for everything the demo makes")
+@click.option("--arch", default="bireal-tiny", show_default=True)
+@click.option("--epochs", type=int, default=4, show_default=True)
+@click.option("--rpi4/--no-rpi4", default=True, show_default=True, help="also build and check a Raspberry Pi 4 bundle under qemu")
+@guarded
+def demo_cmd(out, arch, epochs, rpi4):
+    """Train a small model, compile it, run it on a photograph, profile it (the README's demo)."""
+    _quiet_tvm()
+    from .demo import run_demo
+
+    run_demo(out=out, arch=arch, epochs=epochs, rpi4=rpi4)
+
+
 if __name__ == "__main__":
     main()
