@@ -135,12 +135,25 @@ def _try_fuse(graph, conv, report, pass_name):
             return "input Pad is not a constant pad of H/W"
         pad_value, pre_pads = pa
         x = pad_node.inputs[0]
+    act_scale = 1.0
     m = match_binarizer(x)
+    if m is None and len(x.inputs) == 1 and x.inputs[0].op == "Mul":
+        # a scaled binarizer: s * sgn(x) (QONNX BipolarQuant, XNOR-Net's activation scale)
+        mul = x.inputs[0]
+        for a, b in ((0, 1), (1, 0)):
+            s = _scalar(mul.inputs[b])
+            mm = match_binarizer(mul.inputs[a])
+            if s is not None and s != 0.0 and mm is not None:
+                m, act_scale = mm, s
+                break
     if m is None:
+        if pad_node is None and len(x.inputs) == 1 and x.inputs[0].op == "Mul":
+            return "input is a binarized tensor times a non-scalar scale (per-channel activation scale does not factor out of the binary dot product)"
         return "" if pad_node is None else "input is not binarized"
     src, thr, bin_node, kind = m
+    pad_value = pad_value / act_scale
     if pad_value not in (0.0, 1.0, -1.0):
-        return f"Pad value {pad_value:g} is not 0, 1 or -1 in the sign domain"
+        return f"Pad value {pad_value * act_scale:g} is not 0, +/-1 (times the activation scale) in the sign domain"
     w = const_value(conv.inputs[1])
     if w is None:
         return "weights are not constant"
@@ -169,7 +182,7 @@ def _try_fuse(graph, conv, report, pass_name):
     y = conv.outputs[0]
     name = conv.name
     wbits = gs.Constant(name + "_wbits", pack_signs(wsign))
-    scale = gs.Constant(name + "_scale", alpha)
+    scale = gs.Constant(name + "_scale", (alpha * np.float32(act_scale)).astype(np.float32))
     bias_c = gs.Constant(name + "_bias", bias)
     node = gs.Node(
         op=BINARY_CONV,
@@ -194,6 +207,8 @@ def _try_fuse(graph, conv, report, pass_name):
     if pad_node is not None:
         what += f", Pad(value={pad_value:g}) folded"
     report.fuse(pass_name, name, what)
+    if act_scale != 1.0:
+        report.fuse(pass_name, name, f"activation scale {act_scale:g} folded into the output scale")
     if kind == "Sign":
         report.notes.append(f"{name}: Sign read as sgn(0)=+1 (differs from ONNX Sign only where the input is exactly 0)")
     return None

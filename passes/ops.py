@@ -18,7 +18,7 @@ Inputs
   8 to a byte, most significant bit first, bit 1 meaning -1 and bit 0 meaning +1; the unused low
   bits of the last byte are 0.
 * ``scale`` float32 [M]: per-output-channel multiplier (``mean|W|`` times any folded BatchNorm
-  scale; always positive, since a negative factor is folded into the signs).
+  scale, activation scale or per-channel ``Mul`` after the conv; may be negative).
 * ``bias``  float32 [M]: per-output-channel bias (conv bias, folded BatchNorm shift).
 
 Attributes
