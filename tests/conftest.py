@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
@@ -41,3 +42,18 @@ def assert_close_outputs(got: dict, want: dict, rtol=1e-4):
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def like_trained(model, seed=0, shape=(1, 3, 32, 40)):
+    """Give an untrained model trained-like statistics: BN running stats from a few batches and
+    non-zero biases/thresholds. (An untrained binary net puts exact integer ties right on the next
+    sign's threshold, where any float implementation's summation order decides the bit.)"""
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(2, 3, *shape[2:], generator=g))
+        for n, p in model.named_parameters():
+            if p.dim() <= 1 or n.endswith("bias") or "beta" in n:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()

@@ -319,5 +319,9 @@ def demo_cmd(out, arch, epochs, rpi4):
     run_demo(out=out, arch=arch, epochs=epochs, rpi4=rpi4)
 
 
+from .cli_devices import devices  # noqa: E402  (click group: bdp devices add/list/remove)
+
+main.add_command(devices)
+
 if __name__ == "__main__":
     main()

@@ -141,6 +141,8 @@ def format_text(res) -> str:
                      f"   (bdp is {res['speedup_vs_fp32']:.2f}x)")
     elif res.get("fp32_note"):
         lines.append(f"  FP32 baseline: {res['fp32_note']}")
+    if res.get("per_op_note"):
+        lines.append(f"  per op: {res['per_op_note']}")
     if res.get("per_op"):
         lines.append("  per op (ms/run, share):")
         for r in res["per_op"][:15]:
