@@ -58,6 +58,9 @@ def name_nodes(model, report):
 
 @register_pass("fold-constants", "constant-fold subgraphs that depend only on initializers (onnx-graphsurgeon)")
 def fold_constants(model, report):
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    G_LOGGER.severity = G_LOGGER.ERROR  # its size advice is noise here: weights must fold whatever their size
     graph = to_gs(model)
     graph.fold_constants(error_ok=True, fold_shapes=True, size_threshold=None)
     return from_gs(graph, model)
