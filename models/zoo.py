@@ -3,6 +3,22 @@
 Each entry builds a ``torch.nn.Module`` whose ``forward(x)`` returns ``{task: tensor}`` at the
 input's resolution. Configs are plain dicts of ints, floats, strings and lists so that a
 checkpoint holding one loads with ``torch.load(weights_only=True)``.
+
+Architectures:
+
+=====================  ==========================================================================
+``bireal-tiny``        demo: float stem, Bi-Real binary body, float 1x1 heads (semseg, depth)
+``mtinet``             full-precision MTI-Net (semseg, depth, normals, edges)
+``bi-mtdp``            MTI-Net with binary backbone, initial predictions, FPM, distillation, heads
+``bi-mtdp-c``          float backbone, binary multi-modal distillation (binary attention)
+``bi-mtdp-f``          ``bi-mtdp`` + variational information bottleneck (train with an ``mtinet``
+                       teacher for feature distillation)
+``bidense``            binary ConvNeXt + UperNet-lite with DAB + CFB (semseg, depth)
+``bq-dense``           ReActNet encoder, binary efficient attention, multi-branch binary upsampling
+                       (semseg, edges)
+``bnn-baseline``       the ``bidense`` skeleton with plain sign-STE binary convs (semseg, depth)
+``reactnet-baseline``  the ``bidense`` skeleton with RSign + RPReLU (semseg, depth)
+=====================  ==========================================================================
 """
 
 from __future__ import annotations
@@ -14,6 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .arch_bidense import BinaryUperNet
+from .arch_bqdense import BQDense
+from .arch_mtinet import MTINet
 from .layers import BinaryConv2d, BiRealBlock
 from .tasks import DEFAULT_CLASSES, task_channels
 
@@ -51,9 +70,18 @@ def build(name: str, **overrides) -> nn.Module:
 
 
 def count_macs(model: nn.Module, input_shape=(1, 3, 256, 320)) -> dict:
-    """Binary and float multiply-accumulates of convolutions and linear layers for one forward."""
+    """Binary and float multiply-accumulates of convolutions and linear layers for one forward.
+
+    A convolution counts as binary when it is a ``BinaryConv2d`` or carries ``bdp_binary = True``
+    (``BinaryConvTranspose2d``). Modules with a ``bdp_macs(inputs, output) -> {"binary": n,
+    "float": n}`` method add their own (the matrix products of attention).
+    """
     macs = {"binary": 0, "float": 0}
     hooks = []
+
+    def extra(mod, inp, out):
+        for k, v in mod.bdp_macs(inp, out).items():
+            macs[k] += int(v)
 
     def hook(mod, inp, out):
         if isinstance(mod, nn.Conv2d):
@@ -70,6 +98,8 @@ def count_macs(model: nn.Module, input_shape=(1, 3, 256, 320)) -> dict:
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             hooks.append(m.register_forward_hook(hook))
+        if callable(getattr(m, "bdp_macs", None)):
+            hooks.append(m.register_forward_hook(extra))
     was = model.training
     model.eval()
     with torch.no_grad():
@@ -115,3 +145,106 @@ class TinyBiReal(nn.Module):
                binarizer="ste", pad_value=0.0)
 def _bireal_tiny(**cfg):
     return TinyBiReal(**cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# The MTI-Net family (Bi-MTDP, Shang et al. CVPR 2024)
+
+MTI_TASKS = ["semseg", "depth", "normals", "edges"]
+_BINARY_ALL = ["backbone", "itp", "fpm", "mmd", "heads"]
+
+
+@register_arch("mtinet", "full-precision MTI-Net (small ResNet backbone at 1/4..1/32, initial task predictions, "
+               "feature propagation, multi-modal distillation with spatial attention, HRNet-style heads)",
+               width=16, tasks=list(MTI_TASKS), num_classes=DEFAULT_CLASSES, blocks=1, binary=[],
+               binarizer="approxsign", weight_mode="xnor", pad_value=0.0, vib=False, vib_binary=False,
+               gate_from="source", mmd_sign=False, shortcut="conv")
+def _mtinet(**cfg):
+    return MTINet(**cfg)
+
+
+@register_arch("bi-mtdp", "Bi-MTDP: MTI-Net with binary backbone, initial predictions, feature propagation, "
+               "distillation (binary attention) and heads (Bi-Real blocks, ApproxSign)",
+               width=16, tasks=list(MTI_TASKS), num_classes=DEFAULT_CLASSES, blocks=1, binary=list(_BINARY_ALL),
+               binarizer="approxsign", weight_mode="xnor", pad_value=0.0, vib=False, vib_binary=False,
+               gate_from="target", mmd_sign=False, shortcut="conv")
+def _bi_mtdp(**cfg):
+    return MTINet(**cfg)
+
+
+@register_arch("bi-mtdp-c", "Bi-MTDP-C: full-precision MTI-Net whose multi-modal distillation is binary "
+               "(binary convs, binary {0,1} attention gate)",
+               width=16, tasks=list(MTI_TASKS), num_classes=DEFAULT_CLASSES, blocks=1, binary=["mmd"],
+               binarizer="approxsign", weight_mode="xnor", pad_value=0.0, vib=False, vib_binary=False,
+               gate_from="target", mmd_sign=False, shortcut="conv")
+def _bi_mtdp_c(**cfg):
+    return MTINet(**cfg)
+
+
+@register_arch("bi-mtdp-f", "Bi-MTDP-F: Bi-MTDP + variational information bottleneck after the binary backbone; "
+               "trained with feature distillation from an mtinet teacher (bdp train --teacher)",
+               width=16, tasks=list(MTI_TASKS), num_classes=DEFAULT_CLASSES, blocks=1, binary=list(_BINARY_ALL),
+               binarizer="approxsign", weight_mode="xnor", pad_value=0.0, vib=True, vib_binary=False,
+               gate_from="target", mmd_sign=False, shortcut="conv")
+def _bi_mtdp_f(**cfg):
+    return MTINet(**cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# BiDense (Yin et al. 2024) and the BNN / ReActNet baselines on the same skeleton
+
+_UPER = dict(width=32, depths=[1, 1, 2, 1], tasks=["semseg", "depth"], num_classes=DEFAULT_CLASSES, features=64,
+             max_depth=10.0, kernel_size=7, weight_mode="xnor", pad_value=0.0, head_at_full_res=False,
+             dab_alpha="channel")
+
+
+@register_arch("bidense", "BiDense: binary ConvNeXt + UperNet-lite, Distribution-adaptive Binarizer and "
+               "Channel-adaptive Full-precision Bypass; depth head sigmoid * max_depth", variant="bidense", **_UPER)
+def _bidense(**cfg):
+    return BinaryUperNet(**cfg)
+
+
+@register_arch("bnn-baseline", "plain BNN baseline: the bidense skeleton with sign-STE binary convs, "
+               "residual connections, no bypass across width changes", variant="bnn", **_UPER)
+def _bnn_baseline(**cfg):
+    return BinaryUperNet(**cfg)
+
+
+@register_arch("reactnet-baseline", "ReActNet baseline: the bidense skeleton with RSign binarizers and RPReLU",
+               variant="reactnet", **_UPER)
+def _reactnet_baseline(**cfg):
+    return BinaryUperNet(**cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ding et al. 2024: multi-branch binary upsampling + cheap binary attention
+
+
+@register_arch("bq-dense", "binary encoder-decoder after Ding et al. 2024: ReActNet encoder, binary two-part "
+               "(efficient) attention, gated multi-branch binary upsampling; semseg + edges",
+               width=32, tasks=["semseg", "edges"], num_classes=DEFAULT_CLASSES, blocks=[1, 1, 2], binarizer="rsign",
+               weight_mode="xnor", pad_value=0.0, branches=["transpose", "shuffle"], attention=True)
+def _bq_dense(**cfg):
+    return BQDense(**cfg)
+
+
+def describe(name: str, input_shape=(1, 3, 256, 320)) -> dict:
+    """Name, tasks, parameter count, share of MACs that are binary (at INPUT_SHAPE) and the
+    description of a built-in architecture (what ``bdp models`` prints)."""
+    if name not in ARCHITECTURES:
+        raise KeyError(f"unknown architecture '{name}'; known: {', '.join(sorted(ARCHITECTURES))}")
+    arch = ARCHITECTURES[name]
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = arch.make()
+    macs = count_macs(model, input_shape)
+    total = macs["binary"] + macs["float"]
+    return {
+        "name": name,
+        "tasks": list(getattr(model, "tasks", arch.defaults.get("tasks", []))),
+        "params": sum(p.numel() for p in model.parameters()),
+        "binary_mac_share": macs["binary"] / total if total else 0.0,
+        "binary_macs": macs["binary"],
+        "float_macs": macs["float"],
+        "description": arch.description,
+    }
