@@ -1,24 +1,44 @@
 """Packed-bit kernels in TVM TE: the compute definitions of bdp's binary ops.
 
-``bdp.BinaryConv`` lowers to three stages (see :mod:`bdp.passes.ops` for the op's arithmetic):
+``bdp.BinaryConv`` lowers to three (or four) stages, all in one PrimFunc (see
+:mod:`bdp.passes.ops` for the op's arithmetic):
 
-1. **pack**: binarize the float NCHW input and pack 64 channels per uint64 word, NHWC with the
-   channel words innermost, padded spatially: ``Xp[n, g, hp, wp, cw]``. Bit 1 means -1. Padded
-   positions and the unused bits of the last word are 0 (the +1 pattern).
-2. **popcount**: ``P[n, m, oh, ow] = sum_{r, s, cw} popcount(Xp[...] ^ Wp[m, r, s, cw])`` over
-   every tap, the padded ones included (they read as +1).
-3. **epilogue**: ``Y = scale[m] * (Cg*kH*kW - 2*P + corr[m, oh, ow]) + bias[m]``. ``Cg*kH*kW - 2*P``
-   is the dot product of the signs with the border read as +1; ``corr`` fixes the border taps to
-   the op's ``pad_value`` v: each padded tap adds ``(v - 1) * sum_c wsign[m, c, r, s]`` (computed
-   from a [M, kH, kW] constant, so zero padding is exact at every border, stride and dilation).
+1. **pack** (``bdp_pack``): binarize the float NCHW input and pack the channels of a group into
+   words of ``p.word`` bits (64; or 32/16/8 for groups narrow enough that a smaller word wastes
+   clearly fewer bits, e.g. 32 channels -> uint32, 16 -> uint16, depthwise -> uint8):
+   ``Xu[n, g, cw, h, w]``, bit ``b`` of word ``cw`` is channel ``word*cw + b`` of group ``g``;
+   bit 1 means -1 (``not x >= act_threshold``), bit 0 means +1. The unused bits of a group's last
+   word are 0. Rows of words are contiguous along ``w``, so the pack is a vectorized loop over
+   ``w`` reading the float rows as they lie in memory.
+2. **pad** (``bdp_pad``, only when the conv pads or strides along W): the packed words padded
+   spatially with 0 words (the +1 pattern) and split by column phase,
+   ``Xp[n, g, cw, hp, ph, q] = padded[n, g, cw, hp, q*sW + ph]``, so that the taps of consecutive
+   output columns ``x*sW + s*dW`` are consecutive words for every stride
+   (``q = x + (s*dW) // sW``, ``ph = (s*dW) % sW``). The words are 8-64x fewer than the floats.
+3. **popcount** (``bdp_popcount``): ``P[n, m, oh, ow] = sum_{r, s, cw} popcount(Xp[...] ^
+   Wp[r, s, cw, m])`` over every tap, padded ones included (they read as +1); int64 for 64-bit
+   words (``vpopcntq`` results add without conversion), int32/int16 for narrower ones. The
+   weights ``Wp[kH, kW, CW, M]`` have the output channel innermost, so a run of output channels
+   is one vector load and one output channel is one scalar load.
+4. **epilogue** (``bdp_binary_conv``): ``Y = scale[m] * D + bias[m]`` with the exact integer
+   ``D = Dt - 2*P``. ``Dt`` is ``Cg*kH*kW`` plus the border correction: every padded tap was read
+   as +1 and must be read as ``pad_value`` v, which adds ``(v - 1) * sum_c wsign[m, c, r, s]``. The
+   set of padded taps of an output position only depends on its row's class (which kernel rows
+   fall outside the input) and its column's class, so the correction is a small table
+   ``Dt[row class, column class, M]`` (int16, or int32 if needed; computed at compile time) and
+   the classes are compile-time ``Select`` chains on ``oh`` and ``ow``: no gather, exact at every
+   border, stride and dilation. With ``pad_value`` 1 or no padding there is no table.
 
-The integer ``D = Cg*kH*kW - 2*P + corr`` is exact; the only float operation is the final
-multiply-add, so outputs agree with any float implementation to round-off.
+The only float operation is the final multiply-add, so outputs agree with any float
+implementation of the op to round-off. The compute is target-independent; the schedules
+(:mod:`bdp.targets.schedules`) tile the popcount stage into registers and fuse the epilogue
+into it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from tvm import te, tirx
@@ -51,91 +71,223 @@ class BinaryConvParams:
         return self.c // self.group
 
     @property
+    def mg(self):
+        return self.m // self.group
+
+    @property
+    def word(self):
+        """Bits per packed word: 64, or 32/16/8 when that saves enough padding bits on a narrow
+        group (fewer lanes per word are worth a little less: the weights below)."""
+        eff = {64: 1.0, 32: 0.9, 16: 0.8, 8: 0.7}
+        return min((-(-self.cg // b) * b / eff[b], -b, b) for b in eff)[2]
+
+    @property
+    def pack_bits(self):
+        """Bits the pack stage fills per word (fewer than ``word`` for a group narrower than it)."""
+        return min(self.word, self.cg) if self.cw == 1 else self.word
+
+    @property
     def cw(self):
-        return (self.cg + WORD - 1) // WORD
+        return (self.cg + self.word - 1) // self.word
+
+    @property
+    def word_dtype(self):
+        return f"uint{self.word}"
+
+    @property
+    def acc_dtype(self):
+        """Popcount accumulator: int64 for 64-bit words (vpopcntq adds), else the narrowest exact."""
+        if self.word == 64:
+            return "int64"
+        bound = self.cw * self.word * self.kh * self.kw
+        if self.word <= 16 and bound < 2 ** 15:
+            return "int16"
+        return "int32"
+
+    @property
+    def padded_hw(self):
+        t, l, b, r = self.pads
+        return self.h + t + b, self.w + l + r
 
     @property
     def out_hw(self):
-        t, l, b, r = self.pads
-        oh = (self.h + t + b - self.dilations[0] * (self.kh - 1) - 1) // self.strides[0] + 1
-        ow = (self.w + l + r - self.dilations[1] * (self.kw - 1) - 1) // self.strides[1] + 1
+        hp, wp = self.padded_hw
+        oh = (hp - self.dilations[0] * (self.kh - 1) - 1) // self.strides[0] + 1
+        ow = (wp - self.dilations[1] * (self.kw - 1) - 1) // self.strides[1] + 1
         return oh, ow
+
+    @property
+    def needs_pad_stage(self):
+        return any(self.pads) or self.strides[1] != 1
 
     @property
     def needs_corr(self):
         return self.pad_value != 1.0 and any(self.pads)
 
+    @property
+    def binary_macs(self):
+        oh, ow = self.out_hw
+        return self.n * self.m * oh * ow * self.cg * self.kh * self.kw
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, s: str) -> "BinaryConvParams":
+        d = json.loads(s)
+        for k in ("strides", "dilations", "pads"):
+            d[k] = tuple(d[k])
+        return cls(**d)
+
+
+def _outside_patterns(n_out, n_taps, stride, dil, lo, size):
+    """Per output index: the tuple of taps that fall outside [lo, lo + size) of the padded axis."""
+    return [tuple(not (lo <= o * stride + k * dil < lo + size) for k in range(n_taps)) for o in range(n_out)]
+
+
+def border_classes(p: BinaryConvParams):
+    """(row_class[oh], row_patterns, col_class[ow], col_patterns): class 0 is the most common one."""
+    oh, ow = p.out_hw
+    t, l, _, _ = p.pads
+
+    def classify(pats):
+        counts = {}
+        for q in pats:
+            counts[q] = counts.get(q, 0) + 1
+        order = sorted(counts, key=lambda q: (-counts[q], pats.index(q)))
+        index = {q: i for i, q in enumerate(order)}
+        return [index[q] for q in pats], order
+
+    rc, rpat = classify(_outside_patterns(oh, p.kh, p.strides[0], p.dilations[0], t, p.h))
+    cc, cpat = classify(_outside_patterns(ow, p.kw, p.strides[1], p.dilations[1], l, p.w))
+    return rc, rpat, cc, cpat
+
 
 def pack_weights(wbits: np.ndarray, p: BinaryConvParams):
-    """(Wp uint64 [M, kH, kW, CW], corr_tap int32 [M, kH, kW]) from the op's packed weight rows."""
+    """(Wp [kH, kW, CW, M] of ``p.word_dtype``, Dt int16/int32 [row classes, column classes, M] or None).
+
+    ``Wp[r, s, cw, m]`` bit ``b`` is 1 where weight ``(m, word*cw + b, r, s)`` is -1 (channel
+    index within m's group); ``Dt`` is ``Cg*kH*kW`` plus the padded-tap correction per border
+    class.
+    """
     wsign = unpack_signs(wbits, (p.m, p.cg, p.kh, p.kw))  # ±1 float
-    neg = (wsign < 0).transpose(0, 2, 3, 1)  # [M, kH, kW, Cg]
-    padded = np.zeros((p.m, p.kh, p.kw, p.cw * WORD), dtype=bool)
-    padded[..., : p.cg] = neg
-    bits = padded.reshape(p.m, p.kh, p.kw, p.cw, WORD).astype(np.uint64)
-    weights = np.left_shift(np.uint64(1), np.arange(WORD, dtype=np.uint64))
-    wp = (bits * weights).sum(axis=-1, dtype=np.uint64)
+    neg = (wsign < 0).transpose(2, 3, 1, 0)  # [kH, kW, Cg, M]
+    word = p.word
+    padded = np.zeros((p.kh, p.kw, p.cw * word, p.m), dtype=np.uint64)
+    padded[:, :, : p.cg, :] = neg
+    bits = padded.reshape(p.kh, p.kw, p.cw, word, p.m)
+    shifts = np.arange(word, dtype=np.uint64).reshape(1, 1, 1, word, 1)
+    wp = np.bitwise_or.reduce(np.left_shift(bits, shifts), axis=3).astype(p.word_dtype)
+    if not p.needs_corr:
+        return np.ascontiguousarray(wp), None
     tap_sum = wsign.sum(axis=1).astype(np.int64)  # [M, kH, kW]: sum_c wsign
-    corr_tap = ((p.pad_value - 1.0) * tap_sum).astype(np.int32)
-    return wp, corr_tap
+    corr_tap = np.rint((p.pad_value - 1.0) * tap_sum).astype(np.int64)
+    _, rpat, _, cpat = border_classes(p)
+    total = p.cg * p.kh * p.kw
+    dt = np.empty((len(rpat), len(cpat), p.m), dtype=np.int64)
+    for i, rp in enumerate(rpat):
+        for j, cp in enumerate(cpat):
+            out = np.logical_or(np.array(rp)[:, None], np.array(cp)[None, :])  # [kH, kW]
+            dt[i, j] = total + (corr_tap * out[None]).sum(axis=(1, 2))
+    small = np.abs(dt).max() < 2 ** 15
+    return np.ascontiguousarray(wp), dt.astype(np.int16 if small else np.int32)
 
 
-def binary_conv_te(X, Wp, scale, bias, corr_tap, p: BinaryConvParams):
-    """TE compute of the three stages; returns the float32 output tensor [N, M, OH, OW]."""
+def _class_select(var, classes):
+    """A Select chain mapping index VAR to its class (class 0 for every index not listed)."""
+    expr = tirx.const(0, "int32")
+    by_class = {}
+    for i, k in enumerate(classes):
+        if k:
+            by_class.setdefault(k, []).append(i)
+    for k, idx in sorted(by_class.items(), reverse=True):
+        cond = tirx.any(*[var == i for i in idx]) if len(idx) > 1 else var == idx[0]
+        expr = tirx.Select(cond, tirx.const(k, "int32"), expr)
+    return expr
+
+
+def binary_conv_te(X, Wp, scale, bias, Dt, p: BinaryConvParams):
+    """TE compute of the stages; returns the float32 output tensor [N, M, OH, OW].
+
+    ``Dt`` is None when :func:`pack_weights` returned no table.
+    """
     t, l, b, r = p.pads
-    hp, wpd = p.h + t + b, p.w + l + r
+    hp, wpd = p.padded_hw
     oh, ow = p.out_hw
-    cg, group = p.cg, p.group
-    mg = p.m // group
+    cg, mg, group, cw = p.cg, p.mg, p.group, p.cw
+    sh, sw = p.strides
+    dh, dw = p.dilations
     thr = tirx.const(p.act_threshold, "float32")
+    word, wdt, acc = p.word, p.word_dtype, p.acc_dtype
+    u0 = tirx.const(0, wdt)
 
-    kb = te.reduce_axis((0, WORD), name="kb")
+    kb = te.reduce_axis((0, p.pack_bits), name="kb")
+    ragged = cg % p.pack_bits != 0
 
-    def pack(n, g, hh, ww, cw):
-        c = cw * WORD + kb
-        ih, iw = hh - t, ww - l
-        valid = tirx.all(c < cg, ih >= 0, ih < p.h, iw >= 0, iw < p.w)
-        cc = te.min(g * cg + c, p.c - 1)
-        ihc = te.max(te.min(ih, p.h - 1), 0)
-        iwc = te.max(te.min(iw, p.w - 1), 0)
-        neg = tirx.all(valid, X[n, cc, ihc, iwc] < thr)
-        one = tirx.const(1, "uint64")
-        return te.sum(tirx.Select(neg, one << kb.astype("uint64"), tirx.const(0, "uint64")), axis=kb)
+    def pack(n, g, c, y, x):
+        ch = c * word + kb
+        src = X[n, te.min(g * cg + ch, p.c - 1) if ragged else g * cg + ch, y, x]
+        neg = tirx.Not(src >= thr)  # NaN packs as -1 like the reference's where(x >= t, 1, -1)
+        if ragged:
+            neg = tirx.all(ch < cg, neg)
+        return te.sum(tirx.Select(neg, tirx.const(1, wdt) << kb.astype(wdt), u0), axis=kb)
 
-    Xp = te.compute((p.n, group, hp, wpd, p.cw), pack, name="bdp_pack")
+    Xu = te.compute((p.n, group, cw, p.h, p.w), pack, name="bdp_pack")
+
+    if p.needs_pad_stage:
+        wq = -(-wpd // sw)
+
+        def pad(n, g, c, y, ph, q):
+            col = q * sw + ph
+            inside = tirx.all(y >= t, y < t + p.h, col >= l, col < l + p.w)
+            iy = te.max(te.min(y - t, p.h - 1), 0)
+            ix = te.max(te.min(col - l, p.w - 1), 0)
+            return tirx.Select(inside, Xu[n, g, c, iy, ix], u0)
+
+        Xp = te.compute((p.n, group, cw, hp, sw, wq), pad, name="bdp_pad")
+
+        def xread(n, g, c, iy, s, x):
+            return Xp[n, g, c, iy, (s * dw) % sw, x + (s * dw) // sw]
+    else:
+
+        def xread(n, g, c, iy, s, x):  # stride 1 along W here
+            return Xu[n, g, c, iy, x + s * dw]
 
     rr = te.reduce_axis((0, p.kh), name="r")
     rs = te.reduce_axis((0, p.kw), name="s")
-    rc = te.reduce_axis((0, p.cw), name="cw")
-    sh, sw = p.strides
-    dh, dw = p.dilations
+    rc = te.reduce_axis((0, cw), name="cw")
 
     def popc(n, m, y, x):
-        v = Xp[n, m // mg, y * sh + rr * dh, x * sw + rs * dw, rc] ^ Wp[m, rr, rs, rc]
-        return te.sum(tirx.popcount(v).astype("int32"), axis=[rr, rs, rc])
+        g = m // mg if group > 1 else 0
+        v = xread(n, g, rc, y * sh + rr * dh, rs, x) ^ Wp[rr, rs, rc, m]
+        return te.sum(tirx.popcount(v).astype(acc), axis=[rr, rs, rc])
 
     P = te.compute((p.n, p.m, oh, ow), popc, name="bdp_popcount")
     total = cg * p.kh * p.kw
+    edt = "int64" if acc == "int64" else "int32"
+    two = tirx.const(2, edt)
 
-    if p.needs_corr:
-        cr = te.reduce_axis((0, p.kh), name="cr")
-        cs = te.reduce_axis((0, p.kw), name="cs")
+    if Dt is not None:
+        rcls, _, ccls, cpat = border_classes(p)
+        col_idx = {}
+        for i, k in enumerate(ccls):
+            if k:
+                col_idx.setdefault(k, []).append(i)
 
-        def corr(m, y, x):
-            ih = y * sh + cr * dh
-            iw = x * sw + cs * dw
-            outside = tirx.any(ih < t, ih >= t + p.h, iw < l, iw >= l + p.w)
-            return te.sum(tirx.Select(outside, corr_tap[m, cr, cs], tirx.const(0, "int32")), axis=[cr, cs])
-
-        C = te.compute((p.m, oh, ow), corr, name="bdp_corr")
-
-        def epi(n, m, y, x):
-            d = total - 2 * P[n, m, y, x] + C[m, y, x]
-            return scale[m] * d.astype("float32") + bias[m]
+        def dbase(m, y, x):
+            ry = _class_select(y, rcls)
+            expr = Dt[ry, 0, m]
+            for k, idx in sorted(col_idx.items(), reverse=True):
+                cond = tirx.any(*[x == i for i in idx]) if len(idx) > 1 else x == idx[0]
+                expr = tirx.Select(cond, Dt[ry, k, m], expr)
+            return expr.astype(edt)
     else:
 
-        def epi(n, m, y, x):
-            d = total - 2 * P[n, m, y, x]
-            return scale[m] * d.astype("float32") + bias[m]
+        def dbase(m, y, x):
+            return tirx.const(total, edt)
+
+    def epi(n, m, y, x):
+        d = dbase(m, y, x) - two * P[n, m, y, x].astype(edt)
+        return scale[m] * d.astype("float32") + bias[m]
 
     return te.compute((p.n, p.m, oh, ow), epi, name="bdp_binary_conv")

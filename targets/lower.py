@@ -61,12 +61,18 @@ def _binary_conv_converter():
             )
             if c % p.group or p.m % p.group:
                 raise InputError(f"{name}: channels {c} -> {p.m} not divisible by group {p.group}")
-            wp, corr_tap = pack_weights(wb, p)
-            fn_attrs = {BDP_KERNEL_ATTR: "binary_conv", "op_pattern": 8,
-                        "bdp.params": str(p.__dict__)}
+            wp, dt = pack_weights(wb, p)
+            fn_attrs = {BDP_KERNEL_ATTR: "binary_conv", "op_pattern": 8, "bdp.params": p.to_json()}
+            if dt is None:
+                return bb.emit_te(
+                    lambda X, W, S, B: binary_conv_te(X, W, S, B, None, p),
+                    x, relax.const(wp), relax.const(sc), relax.const(bi),
+                    primfunc_name_hint="bdp_binary_conv",
+                    primfunc_attrs=fn_attrs,
+                )
             return bb.emit_te(
-                lambda X, W, S, B, CT: binary_conv_te(X, W, S, B, CT, p),
-                x, relax.const(wp), relax.const(sc), relax.const(bi), relax.const(corr_tap),
+                lambda X, W, S, B, DT: binary_conv_te(X, W, S, B, DT, p),
+                x, relax.const(wp), relax.const(sc), relax.const(bi), relax.const(dt),
                 primfunc_name_hint="bdp_binary_conv",
                 primfunc_attrs=fn_attrs,
             )
@@ -129,14 +135,14 @@ def build(mod, spec, progress=None):
     """Schedule bdp kernels for SPEC and build; returns the TVM Executable."""
     import tvm
 
-    from .schedules import schedule_module
+    from .schedules import relax_pipeline, schedule_module
 
     target = tvm.target.Target(spec.tvm)
     mod = schedule_module(mod, spec)
     if progress:
         progress("tvm build")
     with target:
-        ex = tvm.compile(mod, target=target)
+        ex = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(spec, target))
     return ex
 
 

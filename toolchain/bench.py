@@ -1,0 +1,463 @@
+"""``bdp bench``: the performance suite.
+
+Two parts, both timed on this host with the same number of threads for every runtime
+(``TVM_NUM_THREADS``, default: all cores; onnxruntime ``intra_op_num_threads``,
+``torch.set_num_threads``):
+
+**layers** - one binary 3x3 conv layer (stride 1, pad 1, C_in = C_out, float input, float output:
+binarize + pack + popcount conv + epilogue all counted) at the four feature-map shapes of a
+256x320 image at strides 4, 8, 16, 32 (64x80x64, 32x40x128, 16x20x256, 8x10x512). bdp compiles it
+the normal way: a float ONNX graph ``Where(x >= 0, 1, -1) -> Conv(alpha * sign(W)) + b`` goes
+through bdp's passes (it becomes one ``bdp.BinaryConv``), the Relax import and ``build``; the
+Relax VM runs it. The baselines run the same conv in float32 (``Conv(W) + b`` on the float input):
+onnxruntime, TVM with the Relax default CPU pipeline (unscheduled loops), TVM with bdp's float
+schedules (:mod:`bdp.targets.schedules`) and PyTorch. Reported: milliseconds (median and min),
+binary MAC/s, speed-ups and their geometric mean, and the bdp output's difference from onnxruntime
+running the binary graph (it should be float round-off).
+
+**models** - every zoo architecture (``bdp.models.zoo.ARCHITECTURES``) at 1x3x256x320: a checkpoint
+from ``zoo.build`` (seed 0) + ``save_checkpoint``, ``bdp.compile`` for x86 (wall time recorded),
+then the bundle vs onnxruntime on the bundle's ``reference.onnx`` (the float model). Also the
+weight sizes (bundle constants vs float ONNX initializers, and the files).
+
+Timings alternate between the runtimes in a few passes of consecutive runs (see
+:func:`time_interleaved`), so that a change of the machine's load hits them alike; the median is
+the headline number and the minimum is kept too. ``--quick`` is a smoke run: fewer
+rounds, the first two layer shapes, one model.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+
+import numpy as np
+
+LAYER_SHAPES = [(64, 64, 80), (128, 32, 40), (256, 16, 20), (512, 8, 10)]  # C, H, W
+MODEL_INPUT = (1, 3, 256, 320)
+TARGETS = {"layer_geomean": 8.0, "layer_each": 5.0, "model_each": 4.0, "weights_ratio": 20.0,
+           "compile_seconds": 60.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _threads() -> int:
+    return int(os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1)
+
+
+def _stats(ts_ms) -> dict:
+    a = np.asarray(ts_ms, dtype=np.float64)
+    return {"median_ms": float(np.median(a)), "min_ms": float(a.min()), "runs": int(a.size)}
+
+
+def time_interleaved(fns: dict, rounds: int, warmup: int = 2, cycles: int = 3) -> dict:
+    """{name: stats}: CYCLES passes over the functions; in each pass every function gets WARMUP
+    untimed calls, then ROUNDS / CYCLES timed calls in a row.
+
+    Runs of one runtime stay together within a pass: a runtime's idle worker threads spin for a
+    while after each call (onnxruntime, OpenMP in PyTorch), and calls interleaved one by one would
+    time each runtime against the previous one's spinning threads. Repeating the passes spreads
+    any change of the machine's load over all runtimes.
+    """
+    times = {k: [] for k in fns}
+    per = max(1, -(-rounds // cycles))
+    for _ in range(cycles if rounds > 1 else 1):
+        for k, f in fns.items():
+            for _ in range(warmup):
+                f()
+            for _ in range(per):
+                t = time.perf_counter()
+                f()
+                times[k].append((time.perf_counter() - t) * 1e3)
+    return {k: _stats(v) for k, v in times.items()}
+
+
+def _geomean(xs):
+    xs = [x for x in xs if x and x > 0]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+def _host() -> dict:
+    from .profile import _host as host
+
+    h = host()
+    try:
+        h["load_average"] = list(os.getloadavg())
+    except OSError:
+        pass
+    return h
+
+
+def _versions() -> dict:
+    import onnxruntime
+    import torch
+    import tvm
+
+    import bdp
+
+    return {"bdp": bdp.__version__, "tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__,
+            "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()}
+
+
+def _ort_session(model_or_path, threads):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    src = model_or_path.SerializeToString() if hasattr(model_or_path, "SerializeToString") else model_or_path
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+# ---------------------------------------------------------------------------------------------
+# layers
+
+
+def conv_layer_onnx(c, h, w, *, binary, seed=0):
+    """ONNX model of a 3x3 conv C->C on [1, C, H, W] with pad 1: float, or Sign -> Conv(alpha*sign W)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    wf = rng.standard_normal((c, c, 3, 3)).astype(np.float32)
+    b = (0.1 * rng.standard_normal(c)).astype(np.float32)
+    inits = [numpy_helper.from_array(b, "b")]
+    nodes = []
+    conv_in = "x"
+    if binary:
+        alpha = np.abs(wf).mean(axis=(1, 2, 3), keepdims=True).astype(np.float32)
+        inits.append(numpy_helper.from_array((alpha * np.where(wf >= 0, 1.0, -1.0)).astype(np.float32), "W"))
+        inits += [numpy_helper.from_array(np.array(0.0, np.float32), "t"),
+                  numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+                  numpy_helper.from_array(np.array(-1.0, np.float32), "mone")]
+        nodes += [helper.make_node("GreaterOrEqual", ["x", "t"], ["ge"]),
+                  helper.make_node("Where", ["ge", "one", "mone"], ["xs"])]
+        conv_in = "xs"
+    else:
+        inits.append(numpy_helper.from_array(wf, "W"))
+    nodes.append(helper.make_node("Conv", [conv_in, "W", "b"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
+    graph = helper.make_graph(nodes, "bdp_bench_layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, (1, c, h, w))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, (1, c, h, w))], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _vm_callable(ex, x):
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    f = vm["main"]
+    xt = tvm.runtime.tensor(x)
+    return (lambda: f(xt)), (lambda: f(xt).numpy())
+
+
+def bench_layer(c, h, w, *, threads, rounds, slow_rounds, spec):
+    """One row of the layer table (see the module docstring)."""
+    import torch
+    import tvm
+
+    from bdp.passes import run_pipeline
+    from bdp.targets.kernels import BinaryConvParams
+    from bdp.targets.lower import build, import_onnx
+    from bdp.targets.schedules import binary_conv_plan
+
+    row = {"shape": [c, h, w], "c_in": c, "c_out": c, "h": h, "w": w, "kernel": 3,
+           "binary_macs": c * c * 9 * h * w}
+    x = np.random.default_rng(1).standard_normal((1, c, h, w)).astype(np.float32)
+    bin_model = conv_layer_onnx(c, h, w, binary=True)
+    float_model = conv_layer_onnx(c, h, w, binary=False)
+
+    t0 = time.perf_counter()
+    final, _ = run_pipeline(bin_model, "default", shapes={"x": x.shape})
+    ops = [n.op_type for n in final.graph.node]
+    if ops != ["BinaryConv"]:
+        raise RuntimeError(f"the binary layer did not become one bdp.BinaryConv: {ops}")
+    ex_bin = build(import_onnx(final, {"x": list(x.shape)}), spec)
+    row["bdp_compile_s"] = time.perf_counter() - t0
+    p = BinaryConvParams(n=1, c=c, h=h, w=w, m=c, kh=3, kw=3, strides=(1, 1), dilations=(1, 1), pads=(1, 1, 1, 1),
+                         group=1, act_threshold=0.0, pad_value=0.0)
+    row["bdp_plan"] = dict(binary_conv_plan(p, spec), word=p.word)
+    run_bin, out_bin = _vm_callable(ex_bin, x)
+
+    ref_bin = _ort_session(bin_model, threads).run(None, {"x": x})[0]
+    got = out_bin()
+    row["bdp_max_rel_diff_vs_onnxruntime"] = float(np.abs(got - ref_bin).max() / max(1e-12, np.abs(ref_bin).max()))
+
+    ort_float = _ort_session(float_model, threads)
+    ex_sched = build(import_onnx(float_model, {"x": list(x.shape)}), spec)
+    run_sched, out_sched = _vm_callable(ex_sched, x)
+    want_f = ort_float.run(None, {"x": x})[0]
+    row["tvm_scheduled_max_rel_diff"] = float(np.abs(out_sched() - want_f).max() / np.abs(want_f).max())
+
+    torch.set_num_threads(threads)
+    xt, wt = torch.from_numpy(x), torch.from_numpy(_initializer(float_model, "W"))
+    bt = torch.from_numpy(_initializer(float_model, "b"))
+
+    def run_torch():
+        with torch.no_grad():
+            torch.nn.functional.conv2d(xt, wt, bt, padding=1)
+
+    fns = {"bdp": run_bin, "onnxruntime_fp32": lambda: ort_float.run(None, {"x": x}),
+           "tvm_scheduled_fp32": run_sched, "torch_fp32": run_torch}
+    res = time_interleaved(fns, rounds)
+    # TVM's default pipeline leaves the conv unscheduled: slow, so timed apart with few runs
+    target = tvm.target.Target(spec.tvm)
+    with target:
+        ex_def = tvm.compile(import_onnx(float_model, {"x": list(x.shape)}), target=target, relax_pipeline="default")
+    run_def, _ = _vm_callable(ex_def, x)
+    res.update(time_interleaved({"tvm_default_fp32": run_def}, slow_rounds, warmup=1, cycles=1))
+    for k, v in res.items():
+        row[k] = v
+    b = res["bdp"]["median_ms"]
+    row["binary_gmac_per_s"] = row["binary_macs"] / (b * 1e-3) / 1e9
+    row["binary_gmac_per_s_min"] = row["binary_macs"] / (res["bdp"]["min_ms"] * 1e-3) / 1e9
+    row["speedup"] = {k: res[k]["median_ms"] / b for k in res if k != "bdp"}
+    row["speedup_min"] = {k: res[k]["min_ms"] / res["bdp"]["min_ms"] for k in res if k != "bdp"}
+    return row
+
+
+def _initializer(model, name):
+    from onnx import numpy_helper
+
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name).copy()
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+def bench_model(arch, workdir, *, threads, rounds):
+    """One row of the model table (see the module docstring)."""
+    import onnx
+    import torch
+
+    import bdp
+    from bdp.models import zoo
+    from bdp.models.checkpoint import save_checkpoint
+
+    from .bundle import load_bundle
+
+    row = {"arch": arch, "input_shape": list(MODEL_INPUT)}
+    torch.manual_seed(0)
+    model = zoo.build(arch).eval()
+    try:
+        macs = zoo.count_macs(model, MODEL_INPUT)
+        total = macs["binary"] + macs["float"]
+        row["binary_macs"], row["float_macs"] = macs["binary"], macs["float"]
+        row["binary_mac_share"] = macs["binary"] / total if total else 0.0
+    except Exception:
+        pass
+    ckpt = os.path.join(workdir, f"{arch}.pt")
+    save_checkpoint(model, ckpt)
+    out = os.path.join(workdir, f"{arch}.bundle")
+    t0 = time.perf_counter()
+    bdp.compile(ckpt, target="x86", out=out, input_shape=MODEL_INPUT)
+    row["compile_s"] = time.perf_counter() - t0
+    with open(os.path.join(out, "manifest.json")) as f:
+        man = json.load(f)
+    row["compile_stages_s"] = man.get("compile_seconds", {})
+    st = man.get("stats", {})
+    row.update({k: st.get(k) for k in ("binary_convs", "fp_convs", "weights_bytes", "source_weights_bytes", "left_float")})
+    if st.get("weights_bytes"):
+        row["weights_ratio"] = st["source_weights_bytes"] / st["weights_bytes"]
+    ref = os.path.join(out, "reference.onnx")
+    row["reference_onnx_bytes"] = os.path.getsize(ref)
+    row["library_bytes"] = os.path.getsize(os.path.join(out, man.get("library", "model.so")))
+    row["onnx_initializer_bytes"] = sum(
+        int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        for t in onnx.load(ref, load_external_data=False).graph.initializer)
+
+    bundle = load_bundle(out)
+    x = np.random.default_rng(0).standard_normal(MODEL_INPUT).astype(np.float32)
+    x_dev = bundle.to_device(x)
+    sess = _ort_session(ref, threads)
+    name = sess.get_inputs()[0].name
+    got = bundle(x)
+    want = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {name: x})))
+    row["max_rel_diff_vs_onnxruntime"] = {
+        k: float(np.abs(got[k] - want[k]).max() / max(1.0, float(np.abs(want[k]).max()))) for k in got if k in want}
+    res = time_interleaved({"bdp": lambda: bundle.run_raw(x_dev), "onnxruntime_fp32": lambda: sess.run(None, {name: x})},
+                           rounds)
+    row.update(res)
+    row["speedup_vs_onnxruntime"] = res["onnxruntime_fp32"]["median_ms"] / res["bdp"]["median_ms"]
+    row["speedup_vs_onnxruntime_min"] = res["onnxruntime_fp32"]["min_ms"] / res["bdp"]["min_ms"]
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def _fmt(v, spec=".2f"):
+    return "-" if v is None else format(v, spec)
+
+
+def format_layers(rows) -> str:
+    lines = ["binary 3x3 conv layer, float in -> float out (ms, median of interleaved runs; x = FP32 time / bdp time)",
+             f"  {'C x H x W':>15} {'bdp':>8} {'GMAC/s':>7} {'ORT':>8} {'x':>6} {'TVM-sched':>9} {'x':>6} "
+             f"{'PyTorch':>8} {'x':>6} {'TVM-dflt':>9} {'x':>7}  plan"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"  {r['shape']}: {r['error']}")
+            continue
+        sp = r["speedup"]
+        plan = r.get("bdp_plan", {})
+        lines.append(
+            f"  {r['c_in']:>5}x{r['h']:>3}x{r['w']:<4} {r['bdp']['median_ms']:8.3f} {r['binary_gmac_per_s']:7.0f} "
+            f"{r['onnxruntime_fp32']['median_ms']:8.3f} {sp['onnxruntime_fp32']:6.1f} "
+            f"{r['tvm_scheduled_fp32']['median_ms']:9.3f} {sp['tvm_scheduled_fp32']:6.1f} "
+            f"{r['torch_fp32']['median_ms']:8.3f} {sp['torch_fp32']:6.1f} "
+            f"{r['tvm_default_fp32']['median_ms']:9.1f} {sp['tvm_default_fp32']:7.0f}  "
+            f"{plan.get('orient', '')}{'/w' + str(plan.get('word')) if plan else ''}")
+    return "\n".join(lines)
+
+
+def format_models(rows) -> str:
+    lines = ["zoo models end to end at 1x3x256x320 (ms, median of interleaved runs)",
+             f"  {'arch':<18} {'bdp':>8} {'ORT FP32':>9} {'x':>6} {'x(min)':>6} {'compile s':>9} "
+             f"{'weights x':>9} {'binary MAC':>10}"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"  {r['arch']:<18} error: {r['error']}")
+            continue
+        lines.append(
+            f"  {r['arch']:<18} {r['bdp']['median_ms']:8.2f} {r['onnxruntime_fp32']['median_ms']:9.2f} "
+            f"{r['speedup_vs_onnxruntime']:6.2f} {r['speedup_vs_onnxruntime_min']:6.2f} {r['compile_s']:9.1f} "
+            f"{_fmt(r.get('weights_ratio'), '.1f'):>9} {_fmt(100 * r['binary_mac_share'] if 'binary_mac_share' in r else None, '.1f'):>9}%")
+    return "\n".join(lines)
+
+
+def summarize(res) -> dict:
+    out = {}
+    layers = [r for r in res.get("layers", []) if "error" not in r]
+    if layers:
+        sp = [r["speedup"]["onnxruntime_fp32"] for r in layers]
+        g = _geomean(sp)
+        out["layers"] = {"geomean_speedup_vs_onnxruntime": g, "min_speedup_vs_onnxruntime": min(sp),
+                         "geomean_speedup_vs_torch": _geomean([r["speedup"]["torch_fp32"] for r in layers]),
+                         "geomean_speedup_vs_tvm_scheduled": _geomean([r["speedup"]["tvm_scheduled_fp32"] for r in layers]),
+                         "geomean_speedup_vs_onnxruntime_min_times": _geomean(
+                             [r["speedup_min"]["onnxruntime_fp32"] for r in layers]),
+                         f"geomean_at_least_{TARGETS['layer_geomean']:g}x": g >= TARGETS["layer_geomean"],
+                         f"each_at_least_{TARGETS['layer_each']:g}x": min(sp) >= TARGETS["layer_each"],
+                         "all_four_shapes": len(layers) == len(LAYER_SHAPES)}
+    models = [r for r in res.get("models", []) if "error" not in r]
+    if models:
+        out["models"] = {
+            "speedup_vs_onnxruntime": {r["arch"]: r["speedup_vs_onnxruntime"] for r in models},
+            f"at_least_{TARGETS['model_each']:g}x": [r["arch"] for r in models
+                                                     if r["speedup_vs_onnxruntime"] >= TARGETS["model_each"]],
+            f"below_{TARGETS['model_each']:g}x": [r["arch"] for r in models
+                                                  if r["speedup_vs_onnxruntime"] < TARGETS["model_each"]],
+            f"weights_at_least_{TARGETS['weights_ratio']:g}x_smaller": [
+                r["arch"] for r in models if (r.get("weights_ratio") or 0) >= TARGETS["weights_ratio"]],
+            f"compile_under_{TARGETS['compile_seconds']:g}s": [
+                r["arch"] for r in models if r["compile_s"] < TARGETS["compile_seconds"]],
+            "max_compile_s": max(r["compile_s"] for r in models),
+        }
+    return out
+
+
+def write_chart(path, res):
+    from .bench_chart import speedup_chart
+
+    sections = []
+    layers = [r for r in res.get("layers", []) if "error" not in r]
+    if layers:
+        series = ["vs onnxruntime", "vs PyTorch", "vs TVM scheduled"]
+        keys = ["onnxruntime_fp32", "torch_fp32", "tvm_scheduled_fp32"]
+        sections.append({"title": "binary 3x3 conv layer (float in/out) - speed-up over FP32 of the same conv",
+                         "target": TARGETS["layer_geomean"], "series": series,
+                         "rows": [(f"{r['c_in']}x{r['h']}x{r['w']}  {r['bdp']['median_ms']:.3f} ms",
+                                   [r["speedup"][k] for k in keys]) for r in layers]})
+    models = [r for r in res.get("models", []) if "error" not in r]
+    if models:
+        sections.append({"title": "zoo models at 256x320 - speed-up over onnxruntime FP32",
+                         "target": TARGETS["model_each"], "series": ["vs onnxruntime"],
+                         "rows": [(f"{r['arch']}  {r['bdp']['median_ms']:.1f} ms", [r["speedup_vs_onnxruntime"]])
+                                  for r in models]})
+    if not sections:
+        sections.append({"title": "no results", "target": None, "series": [], "rows": []})
+    host = res.get("host", {})
+    title = (f"bdp bench - {host.get('cpu', '')}, {res.get('threads')} threads, target {res.get('target', {}).get('name')}"
+             f"{' (quick)' if res.get('quick') else ''}")
+    return speedup_chart(path, title, sections)
+
+
+def _write_json(path, res):
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(res, f, indent=2)
+    os.replace(tmp, path)
+
+
+def run(json_path="bench.json", chart="bench.png", quick=False, only="all", archs=None, workdir=None):
+    """Run the suite, print the tables, write JSON_PATH and the PNG CHART; returns the results dict."""
+    threads = _threads()
+    os.environ.setdefault("TVM_NUM_THREADS", str(threads))  # before TVM's thread pool starts
+    from bdp.models import zoo
+    from bdp.targets.spec import get_target
+
+    spec = get_target("x86")
+    res = {"bdp_bench": 1, "date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": bool(quick),
+           "threads": threads, "host": _host(), "versions": _versions(),
+           "target": {"name": spec.name, "tvm": spec.tvm, "popcount": spec.popcount_isa},
+           "method": ("median (and min) of interleaved runs; every runtime uses the same thread count; "
+                      "bdp layer = binarize + pack + popcount conv + float epilogue, float in and out"),
+           "targets": TARGETS}
+    rounds = 5 if quick else 30
+    if only in ("layers", "all"):
+        shapes = LAYER_SHAPES[:2] if quick else LAYER_SHAPES
+        res["layers"] = []
+        for c, h, w in shapes:
+            try:
+                row = bench_layer(c, h, w, threads=threads, rounds=rounds, slow_rounds=1 if quick else 3, spec=spec)
+            except Exception as e:  # keep going: one broken shape must not hide the others
+                row = {"shape": [c, h, w], "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"}
+            res["layers"].append(row)
+            print(format_layers([row]).splitlines()[-1], flush=True)
+        print(format_layers(res["layers"]))
+    if only in ("models", "all"):
+        archs = list(archs) if archs else (["bireal-tiny"] if quick else list(zoo.ARCHITECTURES))
+        res["models"] = []
+        with tempfile.TemporaryDirectory(prefix="bdp-bench-", dir=workdir) as tmp:
+            for arch in archs:
+                try:
+                    row = bench_model(arch, tmp, threads=threads, rounds=5 if quick else 20)
+                except Exception as e:
+                    row = {"arch": arch, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"}
+                res["models"].append(row)
+                print(format_models([row]).splitlines()[-1], flush=True)
+        print(format_models(res["models"]))
+    res["host"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    res["summary"] = summarize(res)
+    s = res["summary"]
+    if "layers" in s:
+        print(f"layers: geometric mean {s['layers']['geomean_speedup_vs_onnxruntime']:.2f}x onnxruntime FP32 "
+              f"(min {s['layers']['min_speedup_vs_onnxruntime']:.2f}x), "
+              f"{s['layers']['geomean_speedup_vs_torch']:.2f}x PyTorch, "
+              f"{s['layers']['geomean_speedup_vs_tvm_scheduled']:.2f}x TVM scheduled FP32")
+    if "models" in s:
+        below = s["models"][f"below_{TARGETS['model_each']:g}x"]
+        print(f"models: {len(s['models']['speedup_vs_onnxruntime']) - len(below)} at >= {TARGETS['model_each']:g}x "
+              f"onnxruntime FP32; below: {', '.join(below) or 'none'}; slowest compile {s['models']['max_compile_s']:.1f} s")
+    _write_json(json_path, res)
+    try:
+        write_chart(chart, res)
+    except Exception as e:
+        res["chart_error"] = f"{type(e).__name__}: {e}"
+        _write_json(json_path, res)
+    print(f"wrote {json_path} and {chart}")
+    return res
