@@ -395,12 +395,9 @@ def write_chart(path, res):
 
 
 def _write_json(path, res):
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=2)
-    os.replace(tmp, path)
+    from .profile import write_json
+
+    write_json(path, res)
 
 
 def run(json_path="bench.json", chart="bench.png", quick=False, only="all", archs=None, workdir=None):
