@@ -340,7 +340,7 @@ def test_kernel_calls_from_bytecode(x86_bundle, aarch64_bundle):
     first = calls[0]
     assert first.args[0][:3] == ("tensor", IN_SHAPE, "float32")
     packed = [a for c in calls if c.name.startswith("bdp_binary_conv") for a in c.args if a[0] == "tensor"
-              and a[2] == "uint64"]
+              and a[2].startswith("uint")]  # the word width (8..64 bits) follows the group's channels
     assert packed and all(isinstance(a[3], np.ndarray) for a in packed)  # packed weights keep their bits
     arm = remote.kernel_calls(str(aarch64_bundle / "model.so"), read_manifest(str(aarch64_bundle)))
     assert arm and all(a[1] == IN_SHAPE for c in arm for a in c.args if a[0] == "tensor")
