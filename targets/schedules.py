@@ -563,19 +563,19 @@ def _phase_split_strided_reads(sch, block, x_var):
         buf = r.source
         prod = [p for p in sch.get_producers(block) if any(w.source.same_as(buf) for w in sch.get(p).writes)]
         try:
-            if prod:
-                pblk = prod[0]
-            else:
-                pblk = sch.cache_read(block, i, "global")
-            ndim = len(buf.shape)
             if int(buf.shape[-1]) % stride:
                 continue
-            sch.transform_layout(pblk, ("write", 0),
-                                 lambda *ax: (*ax[:-1], ax[-1] % stride, ax[-1] // stride))
-            del ndim
+            pblk = prod[0] if prod else sch.cache_read(block, i, "global")
+            sch.transform_layout(pblk, ("write", 0), _phase_split_map(stride, len(buf.shape)))
         except Exception:
             continue
         stmt = sch.get(block)
+
+
+def _phase_split_map(stride, nd):
+    from tvm.tirx import IndexMap
+
+    return IndexMap.from_func(lambda *ax: (*ax[:-1], ax[-1] % stride, ax[-1] // stride), ndim=nd)
 
 
 def _move_dim_last(d, nd):
@@ -994,8 +994,46 @@ def float_schedule_pass(spec):
     return _pass
 
 
+def _legalize_conv2d_transpose(bb, call):
+    """conv2d_transpose whose kernel equals its stride (no padding, groups 1): every input pixel
+    makes its own kH x kW output block, so it is kH*kW 1x1 convs (one per output phase, all
+    reading the input as it lies) and an interleave - instead of TOPI's conv over a zero-dilated
+    input, which multiplies by zero for 1 - 1/(sH*sW) of its work. Any other case: TOPI's."""
+    from tvm import te
+    from tvm.relax.transform.legalize_ops.nn import _nn_conv2d_transpose
+
+    a = call.attrs
+    try:
+        kshape = [int(v) for v in call.args[1].ty.shape.values]
+        ok = (a.data_layout == "NCHW" and a.kernel_layout == "IOHW" and a.out_layout == "NCHW"
+              and int(a.groups) == 1 and all(int(d) == 1 for d in a.dilation)
+              and all(int(q) == 0 for q in a.padding) and all(int(o) == 0 for o in a.output_padding)
+              and [int(v) for v in a.strides] == kshape[2:])
+    except Exception:
+        ok = False
+    if not ok:
+        return _nn_conv2d_transpose(bb, call)
+    out_dtype = str(call.ty.dtype)
+
+    def te_fn(data, kernel):
+        n, c, h, w = data.shape
+        _, f, kh, kw = kernel.shape
+        rc = te.reduce_axis((0, c), name="rc")
+        phase = te.compute(
+            (n, f, kh, kw, h, w),
+            lambda b, o, p, q, i, j: te.sum(data[b, rc, i, j].astype(out_dtype) * kernel[rc, o, p, q].astype(out_dtype),
+                                            axis=rc),
+            name="conv2d_transpose_phase")
+        return te.compute((n, f, h * kh, w * kw),
+                          lambda b, o, y, x: phase[b, o, y % kh, x % kw, y // kh, x // kw],
+                          name="conv2d_transpose_interleave")
+
+    return bb.call_te(te_fn, call.args[0], call.args[1], primfunc_name_hint="conv2d_transpose")
+
+
 def relax_pipeline(spec, target):
-    """The Relax pipeline bdp builds with: TVM's default, plus the float CPU schedules."""
+    """The Relax pipeline bdp builds with: TVM's default, plus the float CPU schedules (and a
+    cheaper legalization of non-overlapping conv2d_transpose) for CPU targets."""
     import tvm
     from tvm import relax
 
@@ -1003,11 +1041,15 @@ def relax_pipeline(spec, target):
         return relax.pipeline.get_default_pipeline(target)
     from tvm.relax.backend.cpu_generic import pipeline as cg
 
+    legalize = [relax.transform.LegalizeOps(customize_legalize_map={"relax.nn.conv2d_transpose": _legalize_conv2d_transpose}),
+                relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(), relax.transform.FuseOps(),
+                relax.transform.FuseTIR()]
+
     @tvm.transform.module_pass(opt_level=0, name="BdpCPUPipeline")
     def _pipeline(mod, _ctx):
         with target:
             seq = tvm.transform.Sequential(
-                cg.library_dispatch_passes(target) + cg.legalize_passes(target) + [float_schedule_pass(spec)]
+                cg.library_dispatch_passes(target) + legalize + [float_schedule_pass(spec)]
                 + cg.dataflow_lower_passes(target) + cg.finalize_passes(target))
             return seq(mod)
 
