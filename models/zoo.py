@@ -154,38 +154,39 @@ MTI_TASKS = ["semseg", "depth", "normals", "edges"]
 _BINARY_ALL = ["backbone", "itp", "fpm", "mmd", "heads"]
 
 
+def _mti_defaults(**overrides):
+    """The configuration the four MTI-Net family entries share; each entry names what differs."""
+    cfg = dict(width=16, tasks=list(MTI_TASKS), num_classes=DEFAULT_CLASSES, blocks=1, binary=[],
+               binarizer="approxsign", weight_mode="xnor", pad_value=0.0, vib=False, vib_binary=False,
+               gate_from="target", mmd_sign=False, shortcut="conv")
+    cfg.update(overrides)
+    return cfg
+
+
 @register_arch("mtinet", "full-precision MTI-Net (small ResNet backbone at 1/4..1/32, initial task predictions, "
                "feature propagation, multi-modal distillation with spatial attention, HRNet-style heads)",
-               width=16, tasks=list(MTI_TASKS), num_classes=DEFAULT_CLASSES, blocks=1, binary=[],
-               binarizer="approxsign", weight_mode="xnor", pad_value=0.0, vib=False, vib_binary=False,
-               gate_from="source", mmd_sign=False, shortcut="conv")
+               **_mti_defaults(binary=[], gate_from="source"))
 def _mtinet(**cfg):
     return MTINet(**cfg)
 
 
 @register_arch("bi-mtdp", "Bi-MTDP: MTI-Net with binary backbone, initial predictions, feature propagation, "
                "distillation (binary attention) and heads (Bi-Real blocks, ApproxSign)",
-               width=16, tasks=list(MTI_TASKS), num_classes=DEFAULT_CLASSES, blocks=1, binary=list(_BINARY_ALL),
-               binarizer="approxsign", weight_mode="xnor", pad_value=0.0, vib=False, vib_binary=False,
-               gate_from="target", mmd_sign=False, shortcut="conv")
+               **_mti_defaults(binary=list(_BINARY_ALL)))
 def _bi_mtdp(**cfg):
     return MTINet(**cfg)
 
 
 @register_arch("bi-mtdp-c", "Bi-MTDP-C: full-precision MTI-Net whose multi-modal distillation is binary "
                "(binary convs, binary {0,1} attention gate)",
-               width=16, tasks=list(MTI_TASKS), num_classes=DEFAULT_CLASSES, blocks=1, binary=["mmd"],
-               binarizer="approxsign", weight_mode="xnor", pad_value=0.0, vib=False, vib_binary=False,
-               gate_from="target", mmd_sign=False, shortcut="conv")
+               **_mti_defaults(binary=["mmd"]))
 def _bi_mtdp_c(**cfg):
     return MTINet(**cfg)
 
 
 @register_arch("bi-mtdp-f", "Bi-MTDP-F: Bi-MTDP + variational information bottleneck after the binary backbone; "
                "trained with feature distillation from an mtinet teacher (bdp train --teacher)",
-               width=16, tasks=list(MTI_TASKS), num_classes=DEFAULT_CLASSES, blocks=1, binary=list(_BINARY_ALL),
-               binarizer="approxsign", weight_mode="xnor", pad_value=0.0, vib=True, vib_binary=False,
-               gate_from="target", mmd_sign=False, shortcut="conv")
+               **_mti_defaults(binary=list(_BINARY_ALL), vib=True))
 def _bi_mtdp_f(**cfg):
     return MTINet(**cfg)
 
