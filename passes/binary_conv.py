@@ -196,6 +196,8 @@ def _try_fuse(graph, conv, report, pass_name):
             "group": group,
             "act_threshold": float(thr),
             "pad_value": float(pad_value),
+            "out_sign": 0,
+            "out_threshold": 0.0,
         },
         inputs=[src, wbits, scale, bias_c],
         outputs=[y],

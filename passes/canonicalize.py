@@ -24,7 +24,8 @@ def from_gs(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     out.ir_version = like.ir_version
     del out.opset_import[:]
     out.opset_import.extend(like.opset_import)
-    out.functions.extend(like.functions)
+    have = {(f.domain, f.name) for f in out.functions}  # gs carries model-local functions over itself
+    out.functions.extend(f for f in like.functions if (f.domain, f.name) not in have)
     out.producer_name = like.producer_name or "bdp"
     for p in like.metadata_props:
         out.metadata_props.add(key=p.key, value=p.value)

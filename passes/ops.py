@@ -34,7 +34,7 @@ Attributes
 
 Output
 
-* ``Y`` float32 [N, M, OH, OW] with
+* ``Y`` float32 [N, M, OH, OW] (±1 with ``out_sign=1``), otherwise
   ``Y[n,m,oh,ow] = scale[m] * D[n,m,oh,ow] + bias[m]`` and
   ``D = sum_{c,r,s} P(sgn(X))[n, g*C/group + c, oh*sH + r*dH, ow*sW + s*dW] * wsign[m, c, r, s]``,
   where ``P`` pads the signed tensor with ``pad_value`` and ``g = m // (M/group)``.
@@ -82,12 +82,15 @@ def binary_conv_attrs(node: onnx.NodeProto) -> dict:
         "group": int(a.get("group", 1)),
         "act_threshold": float(a.get("act_threshold", 0.0)),
         "pad_value": float(a.get("pad_value", 0.0)),
+        "out_sign": int(a.get("out_sign", 0)),
+        "out_threshold": float(a.get("out_threshold", 0.0)),
     }
     return out
 
 
 def binary_conv_reference(x, wbits, scale, bias, *, kernel_shape, strides=(1, 1), dilations=(1, 1),
-                          pads=(0, 0, 0, 0), group=1, act_threshold=0.0, pad_value=0.0):
+                          pads=(0, 0, 0, 0), group=1, act_threshold=0.0, pad_value=0.0, out_sign=0,
+                          out_threshold=0.0):
     """Numpy reference of ``bdp.BinaryConv`` (slow, exact: integer accumulation)."""
     x = np.asarray(x, dtype=np.float32)
     n, c, h, w = x.shape
@@ -112,8 +115,37 @@ def binary_conv_reference(x, wbits, scale, bias, *, kernel_shape, strides=(1, 1)
             for j in range(kw):
                 patch = xg[:, :, i * dh: i * dh + sh * (oh - 1) + 1: sh, j * dw: j * dw + sw * (ow - 1) + 1: sw]
                 d[:, g * mg:(g + 1) * mg] += np.einsum("nchw,mc->nmhw", patch, wg[:, :, i, j])
-    y = scale.reshape(1, m, 1, 1).astype(np.float32) * d.astype(np.float32) + bias.reshape(1, m, 1, 1)
-    return y.astype(np.float32)
+    y = scale.reshape(1, m, 1, 1).astype(np.float32) * d.astype(np.float32)
+    y = (y + bias.reshape(1, m, 1, 1).astype(np.float32)).astype(np.float32)
+    if out_sign:
+        y = np.where(y >= np.float32(out_threshold), 1.0, -1.0).astype(np.float32)
+    return y
+
+
+def sign_thresholds(scale, bias, out_threshold, k):
+    """Integer form of ``scale[m]*D + bias[m] >= out_threshold`` for integer D in [-K, K].
+
+    Returns ``(flip, T)``, int arrays [M], such that for every such D the float32 comparison
+    (multiply, round, add, round: what onnxruntime and the reference compute) is true exactly
+    when ``flip[m] * D >= T[m]``. ``flip`` is -1 for a negative scale (the comparison turns
+    around: a negative multiplier), else +1. Found by evaluating the float32 expression at every
+    D, so no rounding argument can be wrong: ``fl(fl(s*D) + b)`` is monotone in D.
+    """
+    scale = np.asarray(scale, np.float32).reshape(-1)
+    bias = np.asarray(bias, np.float32).reshape(-1)
+    d = np.arange(-k, k + 1, dtype=np.int64)
+    y = (scale[:, None] * d.astype(np.float32)[None, :]).astype(np.float32) + bias[:, None]
+    plus = y.astype(np.float32) >= np.float32(out_threshold)  # [M, 2K+1]
+    flip = np.where(scale < 0, -1, 1).astype(np.int64)
+    thr = np.empty(scale.size, np.int64)
+    for m in range(scale.size):
+        fd = flip[m] * d
+        hit = fd[plus[m]]
+        # plus is monotone in flip*D: true exactly for flip*D >= min(hit); none true -> K+1
+        thr[m] = hit.min() if hit.size else k + 1
+        if hit.size and not np.array_equal(plus[m], fd >= thr[m]):
+            raise AssertionError("sign threshold is not monotone")  # cannot happen for finite s, b
+    return flip, thr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,6 +177,8 @@ def _schema():
             A("group", AT.INT, "groups", required=False),
             A("act_threshold", AT.FLOAT, "binarizer threshold: x >= t gives +1", required=False),
             A("pad_value", AT.FLOAT, "value of padded positions in the sign domain: 0, 1 or -1", required=False),
+            A("out_sign", AT.INT, "1: binarize the output (+1 where Y >= out_threshold, else -1)", required=False),
+            A("out_threshold", AT.FLOAT, "threshold of the output binarizer (out_sign=1)", required=False),
         ],
     )
 
@@ -232,7 +266,15 @@ def binary_conv_function() -> onnx.FunctionProto:
     node("Reshape", ["scale", "cshape"], ["s4"])
     node("Reshape", ["bias", "cshape"], ["b4"])
     node("Mul", ["d", "s4"], ["ds"])
-    node("Add", ["ds", "b4"], ["Y"])
+    node("Add", ["ds", "b4"], ["yf"])
+    # out_sign: Y = yf >= out_threshold ? 1 : -1, else Y = yf
+    node("Constant", [], ["ot"], [_ref("value_float", AP.FLOAT, "out_threshold")])
+    node("CastLike", ["ot", "X"], ["otx"])
+    node("GreaterOrEqual", ["yf", "otx"], ["yge"])
+    node("Where", ["yge", "one", "mone"], ["ys"])
+    node("Constant", [], ["osg"], [_ref("value_int", AP.INT, "out_sign")])
+    node("Cast", ["osg"], ["osb"], to=TensorProto.BOOL)
+    node("Where", ["osb", "ys", "yf"], ["Y"])
     return helper.make_function(
         DOMAIN,
         BINARY_CONV,
@@ -241,12 +283,12 @@ def binary_conv_function() -> onnx.FunctionProto:
         nodes,
         [helper.make_opsetid("", 18)],
         attributes=["kernel_shape", "strides", "dilations", "pads", "group", "act_threshold",
-                    "pad_value"],
+                    "pad_value", "out_sign", "out_threshold"],
     )
 
 
 def make_binary_conv_node(name, inputs, output, *, kernel_shape, strides, dilations, pads, group,
-                          act_threshold=0.0, pad_value=0.0) -> onnx.NodeProto:
+                          act_threshold=0.0, pad_value=0.0, out_sign=0, out_threshold=0.0) -> onnx.NodeProto:
     """A ``bdp.BinaryConv`` node with every attribute set (the function body needs them all)."""
     return helper.make_node(
         BINARY_CONV,
@@ -261,6 +303,8 @@ def make_binary_conv_node(name, inputs, output, *, kernel_shape, strides, dilati
         group=int(group),
         act_threshold=float(act_threshold),
         pad_value=float(pad_value),
+        out_sign=int(out_sign),
+        out_threshold=float(out_threshold),
     )
 
 

@@ -65,6 +65,13 @@ class BinaryConvParams:
     group: int
     act_threshold: float
     pad_value: float
+    in_packed: bool = False  # X is packed bits uint8 [N, ceil(C/8), H, W] from another binary conv
+    out_mode: str = "float"  # "float": scale*D + bias; "sign": ±1 float; "bits": packed uint8
+
+    @property
+    def k(self):
+        """|D| <= K: taps per output value."""
+        return self.cg * self.kh * self.kw
 
     @property
     def cg(self):
@@ -206,10 +213,21 @@ def _class_select(var, classes):
     return expr
 
 
-def binary_conv_te(X, Wp, scale, bias, Dt, p: BinaryConvParams):
-    """TE compute of the stages; returns the float32 output tensor [N, M, OH, OW].
+def packed_channels(c: int) -> int:
+    """Bytes per pixel of a packed-bit tensor of C channels."""
+    return -(-c // 8)
 
-    ``Dt`` is None when :func:`pack_weights` returned no table.
+
+def binary_conv_te(X, Wp, scale, bias, Dt, p: BinaryConvParams, thresholds=None):
+    """TE compute of the stages; returns the output tensor: float32 [N, M, OH, OW] (``out_mode``
+    "float" or "sign") or uint8 [N, ceil(M/8), OH, OW] ("bits").
+
+    ``Dt`` is None when :func:`pack_weights` returned no table. ``thresholds`` is ``(flip, T)``, int32
+    [M] each (:func:`bdp.passes.ops.sign_thresholds`), for the "sign" and "bits" modes.
+
+    Packed bits (the link between two binary convs): byte ``b`` of pixel (n, y, x) holds channels
+    ``8b .. 8b+7``, channel ``8b + j`` in bit ``j`` (value ``1 << j``), bit 1 meaning -1; the
+    unused high bits of the last byte are 0.
     """
     t, l, b, r = p.pads
     hp, wpd = p.padded_hw
@@ -231,6 +249,30 @@ def binary_conv_te(X, Wp, scale, bias, Dt, p: BinaryConvParams):
         if ragged:
             neg = tirx.all(ch < cg, neg)
         return te.sum(tirx.Select(neg, tirx.const(1, wdt) << kb.astype(wdt), u0), axis=kb)
+
+    nbytes = packed_channels(p.c)
+    if p.in_packed and cg % 8 == 0 and word >= 8:
+        # byte-aligned groups: a word is its bytes side by side (little-endian bit order)
+        kb = te.reduce_axis((0, word // 8), name="kb")
+        ragged_b = (cg // 8) % (word // 8) != 0
+
+        def pack(n, g, c, y, x):  # noqa: F811
+            byte = c * (word // 8) + kb
+            src = X[n, te.min(g * (cg // 8) + byte, nbytes - 1) if ragged_b else g * (cg // 8) + byte, y, x]
+            v = src.astype(wdt) << (kb * 8).astype(wdt)
+            if ragged_b:
+                v = tirx.Select(byte < cg // 8, v, u0)
+            return te.sum(v, axis=kb)
+    elif p.in_packed:
+        def pack(n, g, c, y, x):  # noqa: F811
+            ch = c * word + kb
+            gch = g * cg + ch
+            src = X[n, te.min(gch // 8, nbytes - 1), y, x]
+            bit = (src >> (gch % 8).astype("uint8")) & tirx.const(1, "uint8")
+            neg = bit == tirx.const(1, "uint8")
+            if ragged:
+                neg = tirx.all(ch < cg, neg)
+            return te.sum(tirx.Select(neg, tirx.const(1, wdt) << kb.astype(wdt), u0), axis=kb)
 
     Xu = te.compute((p.n, group, cw, p.h, p.w), pack, name="bdp_pack")
 
@@ -286,8 +328,36 @@ def binary_conv_te(X, Wp, scale, bias, Dt, p: BinaryConvParams):
         def dbase(m, y, x):
             return tirx.const(total, edt)
 
-    def epi(n, m, y, x):
-        d = dbase(m, y, x) - two * P[n, m, y, x].astype(edt)
-        return scale[m] * d.astype("float32") + bias[m]
+    def dval(n, m, y, x):
+        return dbase(m, y, x) - two * P[n, m, y, x].astype(edt)
 
-    return te.compute((p.n, p.m, oh, ow), epi, name="bdp_binary_conv")
+    if p.out_mode == "float":
+        def epi(n, m, y, x):
+            return scale[m] * dval(n, m, y, x).astype("float32") + bias[m]
+
+        return te.compute((p.n, p.m, oh, ow), epi, name="bdp_binary_conv")
+
+    flip, tt = thresholds
+
+    def plus(n, m, y, x):  # the output bit is +1: flip[m] * D >= T[m], all integer
+        return flip[m].astype(edt) * dval(n, m, y, x) >= tt[m].astype(edt)
+
+    if p.out_mode == "sign":
+        def epi(n, m, y, x):  # noqa: F811
+            return tirx.Select(plus(n, m, y, x), tirx.const(1.0, "float32"), tirx.const(-1.0, "float32"))
+
+        return te.compute((p.n, p.m, oh, ow), epi, name="bdp_binary_conv")
+
+    jb = te.reduce_axis((0, 8), name="jb")
+    mbytes = packed_channels(p.m)
+    ragged_m = p.m % 8 != 0
+
+    def bits(n, b, y, x):
+        m = b * 8 + jb
+        neg = tirx.Not(plus(n, te.min(m, p.m - 1) if ragged_m else m, y, x))
+        if ragged_m:
+            neg = tirx.all(m < p.m, neg)
+        return te.sum(tirx.Select(neg, tirx.const(1, "uint8") << jb.astype("uint8"), tirx.const(0, "uint8")),
+                      axis=jb)
+
+    return te.compute((p.n, mbytes, oh, ow), bits, name="bdp_binary_conv")

@@ -34,9 +34,48 @@ def _static_shape(expr, what):
         raise InputError(f"{what} has a dynamic shape; pass --input-shape N,C,H,W") from None
 
 
+_LINKS: dict = {}  # node name -> (in_channels if its X arrives packed else 0, out_mode); set by bdp_frontend
+
+
+def plan_links(model: onnx.ModelProto) -> dict:
+    """How each ``bdp.BinaryConv`` is lowered: ``name -> (in_channels, out_mode)``.
+
+    ``out_mode`` is "float" (``out_sign=0``), "sign" (±1 floats: the output has float consumers
+    or is a graph output) or "bits" (every consumer is a binary conv reading it as X: the kernel
+    writes packed bits and those consumers read them, ``in_channels`` > 0, with no pack stage from
+    float).
+    """
+    from bdp.passes.ops import BINARY_CONV, DOMAIN, binary_conv_attrs
+
+    def is_bc(n):
+        return n.op_type == BINARY_CONV and n.domain == DOMAIN
+
+    inits = {t.name: list(t.dims) for t in model.graph.initializer}
+    outs = {o.name for o in model.graph.output}
+    cons = {}
+    for n in model.graph.node:
+        for i, name in enumerate(n.input):
+            cons.setdefault(name, []).append((n, i))
+    plan = {n.name: [0, "float"] for n in model.graph.node if is_bc(n)}
+    for n in model.graph.node:
+        if not is_bc(n) or not binary_conv_attrs(n)["out_sign"]:
+            continue
+        y = n.output[0]
+        users = cons.get(y, [])
+        ok = bool(users) and y not in outs and n.input[1] in inits and all(
+            is_bc(c) and i == 0 and -1.0 < binary_conv_attrs(c)["act_threshold"] <= 1.0 for c, i in users)
+        plan[n.name][1] = "bits" if ok else "sign"
+        if ok:
+            for c, _ in users:
+                plan[c.name][0] = int(inits[n.input[1]][0])
+    return {k: tuple(v) for k, v in plan.items()}
+
+
 def _binary_conv_converter():
     from tvm import relax
     from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    from bdp.passes.ops import sign_thresholds
 
     from .kernels import BinaryConvParams, binary_conv_te, pack_weights
 
@@ -44,12 +83,17 @@ def _binary_conv_converter():
         @classmethod
         def _impl_v1(cls, bb, inputs, attr, params):
             name = attr["tvm_custom"]["name"]
+            in_channels, out_mode = _LINKS.get(name, (0, "float"))
             x, wbits, scale, bias = inputs[:4]
             n, c, h, w = _static_shape(x, f"input of {name}")
+            if in_channels:
+                c = in_channels  # X is packed bits [N, ceil(C/8), H, W]
             wb = _const(wbits, f"{name}: Wbits")
             sc = _const(scale, f"{name}: scale").astype(np.float32)
             bi = _const(bias, f"{name}: bias").astype(np.float32)
             kh, kw = (int(k) for k in attr["kernel_shape"])
+            if int(attr.get("out_sign", 0)) == 0:
+                out_mode = "float"
             p = BinaryConvParams(
                 n=n, c=c, h=h, w=w, m=int(wb.shape[0]), kh=kh, kw=kw,
                 strides=tuple(int(s) for s in attr.get("strides", (1, 1))),
@@ -58,24 +102,27 @@ def _binary_conv_converter():
                 group=int(attr.get("group", 1)),
                 act_threshold=float(attr.get("act_threshold", 0.0)),
                 pad_value=float(attr.get("pad_value", 0.0)),
+                in_packed=bool(in_channels),
+                out_mode=out_mode,
             )
             if c % p.group or p.m % p.group:
                 raise InputError(f"{name}: channels {c} -> {p.m} not divisible by group {p.group}")
             wp, dt = pack_weights(wb, p)
             fn_attrs = {BDP_KERNEL_ATTR: "binary_conv", "op_pattern": 8, "bdp.params": p.to_json()}
-            if dt is None:
-                return bb.emit_te(
-                    lambda X, W, S, B: binary_conv_te(X, W, S, B, None, p),
-                    x, relax.const(wp), relax.const(sc), relax.const(bi),
-                    primfunc_name_hint="bdp_binary_conv",
-                    primfunc_attrs=fn_attrs,
-                )
-            return bb.emit_te(
-                lambda X, W, S, B, DT: binary_conv_te(X, W, S, B, DT, p),
-                x, relax.const(wp), relax.const(sc), relax.const(bi), relax.const(dt),
-                primfunc_name_hint="bdp_binary_conv",
-                primfunc_attrs=fn_attrs,
-            )
+            args = [x, relax.const(wp), relax.const(sc), relax.const(bi)]
+            if dt is not None:
+                args.append(relax.const(dt))
+            if out_mode != "float":
+                flip, tt = sign_thresholds(sc, bi, float(attr.get("out_threshold", 0.0)), p.k)
+                args += [relax.const(flip.astype(np.int32)), relax.const(tt.astype(np.int32))]
+            has_dt = dt is not None
+
+            def te_fn(X, W, S, B, *rest):
+                DT = rest[0] if has_dt else None
+                thresholds = tuple(rest[1:] if has_dt else rest) or None
+                return binary_conv_te(X, W, S, B, DT, p, thresholds)
+
+            return bb.emit_te(te_fn, *args, primfunc_name_hint="bdp_binary_conv", primfunc_attrs=fn_attrs)
 
     return BinaryConvConverter
 
@@ -126,8 +173,13 @@ def import_onnx(model: onnx.ModelProto, input_shapes: dict):
     from tvm.relax.frontend.onnx import from_onnx
 
     check_supported(model)
-    with bdp_frontend():
-        mod = from_onnx(model, shape_dict=input_shapes, keep_params_in_input=False)
+    _LINKS.clear()
+    _LINKS.update(plan_links(model))
+    try:
+        with bdp_frontend():
+            mod = from_onnx(model, shape_dict=input_shapes, keep_params_in_input=False)
+    finally:
+        _LINKS.clear()
     return mod
 
 

@@ -200,6 +200,20 @@ def _sched_pad_cpu(sch, parallel):
         sch.parallel(rows)
 
 
+def _sched_bits_cpu(sch, p):
+    """The packed-bit output stage: 8 channels' threshold bits OR-ed into a byte, columns
+    innermost (P rows are contiguous along x), rows in parallel."""
+    bb = sch.get_sblock("bdp_binary_conv")
+    n, b, y, x, j = sch.get_loops(bb)
+    sch.reorder(n, b, y, j, x)
+    rows = sch.fuse(n, b, y)
+    oh, ow = p.out_hw
+    if p.n * p.m * oh * ow >= PARALLEL_MIN_ELEMENTS:
+        sch.parallel(rows)
+    sch.decompose_reduction(bb, j)
+    sch.unroll(j)
+
+
 def _cpu_binary_schedule(func, p, spec):
     from tvm import s_tir
 
@@ -222,7 +236,10 @@ def _cpu_binary_schedule(func, p, spec):
         inner = [("unroll", xi), ("unroll", mb), ("vectorize", mi)]
     loc = sch.cache_write(blk, 0, "local")
     sch.reverse_compute_at(loc, mo)
-    sch.reverse_compute_inline(sch.get_sblock("bdp_binary_conv"))
+    if p.out_mode == "bits":
+        _sched_bits_cpu(sch, p)
+    else:
+        sch.reverse_compute_inline(sch.get_sblock("bdp_binary_conv"))
     below = _loops_below(sch, loc, mo)
     _vectorize_if(sch, below[-1] if below else None)
     tiles = sch.fuse(n, y, xo)
@@ -314,7 +331,15 @@ def _cuda_binary_schedule(func, p, spec):
     sch.bind(tx, "threadIdx.x")
     loc = sch.cache_write(blk, 0, "local")
     sch.reverse_compute_at(loc, tx)
-    sch.reverse_compute_inline(sch.get_sblock("bdp_binary_conv"))
+    if p.out_mode == "bits":
+        bb = sch.get_sblock("bdp_binary_conv")  # one thread per output byte
+        loops = sch.get_loops(bb)
+        fused = sch.fuse(*loops[:-1])
+        bx2, tx2 = sch.split(fused, factors=[None, 128])
+        sch.bind(bx2, "blockIdx.x")
+        sch.bind(tx2, "threadIdx.x")
+    else:
+        sch.reverse_compute_inline(sch.get_sblock("bdp_binary_conv"))
     sch.unroll(mi)
     sch.decompose_reduction(blk, r)
     return sch.mod["main"]

@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bdp.passes import PASSES, run_pipeline
 from bdp.passes.core import Report, run_onnxruntime
+from bdp.passes.links import link_stats
 
 QONNX = "qonnx.custom_op.general"
 
@@ -131,8 +132,39 @@ def random_case(seed):
     eff = dil * (k - 1) + 1
     while h + pads[0] + pads[2] < eff or w + pads[1] + pads[3] < eff:
         h, w = h + 2, w + 2
+    # half the cases: a second binary layer reads the first one's output (a packed-bit link)
+    chain = bool(r.integers(2))
+    if chain:
+        binz2 = str(r.choice(["sign", "where_ge", "threshold", "where_lt"]))
+        t2 = float(r.normal()) if binz2 == "threshold" else 0.0
+        # a trained-like shift first: an integer D = 0 with zero bias sits exactly on the threshold,
+        # where onnxruntime (which folds the Mul into its conv weights) decides the bit by round-off
+        y = g.op("Add", [y, g.const((r.normal(size=(1, m, 1, 1)) * 0.3 + 0.01).astype(np.float32))])
+        if binz2 == "sign":
+            b2 = g.op("Sign", [y])
+        elif binz2 == "where_lt":
+            b2 = g.op("Where", [g.op("Less", [y, g.const(np.float32(t2))]), g.const(np.float32(-1)),
+                                g.const(np.float32(1))])
+        else:
+            b2 = g.op("Where", [g.op("GreaterOrEqual", [y, g.const(np.float32(t2))]), g.const(np.float32(1)),
+                                g.const(np.float32(-1))])
+        g2 = int(r.choice([1, 1, 2])) if m % 2 == 0 else 1
+        m2 = int(r.choice([5, 16, 70]))
+        m2 = g2 * max(1, m2 // g2)
+        k2, s2 = int(r.choice([1, 3])), int(r.choice([1, 2]))
+        p2 = [int(q) for q in r.integers(0, 2, size=4)] if k2 > 1 else [0, 0, 0, 0]
+        w2 = np.where(r.standard_normal((m2, m // g2, k2, k2)) >= 0, 1.0, -1.0).astype(np.float32)
+        y = g.op("Conv", [b2, g.const(w2 * r.uniform(0.05, 1.0, size=(m2, 1, 1, 1)).astype(np.float32))],
+                 pads=p2, strides=[s2, s2], group=g2)
+        y = g.op("Add", [y, g.const(r.normal(size=(1, m2, 1, 1)).astype(np.float32))])
+        # the first layer's output must still be at least as large as the second kernel
+        oh = (h + pads[0] + pads[2] - eff) // stride + 1
+        ow = (w + pads[1] + pads[3] - eff) // stride + 1
+        while min(oh + p2[0] + p2[2], ow + p2[1] + p2[3]) < k2:
+            h, w = h + stride, w + stride
+            oh, ow = (h + pads[0] + pads[2] - eff) // stride + 1, (w + pads[1] + pads[3] - eff) // stride + 1
     desc = dict(n=n, c=c, m=m, k=k, stride=stride, dil=dil, group=group, pads=pads, binz=binz, wform=wform,
-                glue=glue, pad_kind=pad_kind, bias=has_bias, hw=(h, w))
+                glue=glue, pad_kind=pad_kind, bias=has_bias, hw=(h, w), chain=chain)
     uses_qonnx = binz == "bipolar" or wform == "bipolar"
     return g.model([n, 3, h, w], y, qonnx=uses_qonnx), (n, 3, h, w), desc
 
@@ -170,12 +202,15 @@ def test_random_binarized_graph_compiles_exactly(seed):
     got, final, report = compile_and_run(model, shape, x)
     ops = [n.op_type for n in final.graph.node]
     # the binarized conv must really run packed, and the glue must be folded away
-    assert ops.count("BinaryConv") == 1, (desc, ops, report.left_float)
+    nb = 2 if desc["chain"] else 1
+    assert ops.count("BinaryConv") == nb, (desc, ops, report.left_float)
     assert ops.count("Conv") == 1, (desc, ops)  # only the float pre-conv is left
     # nothing else is left: binarizer, Pad, weight arithmetic and glue are all folded away
     # (RSign-style `x - beta` stays a float elementwise op in front of the packing)
-    expected = ["Conv", "Sub", "BinaryConv"] if desc["binz"] == "sub_beta" else ["Conv", "BinaryConv"]
-    assert ops == expected, (desc, ops)
+    expected = ["Conv", "Sub"] if desc["binz"] == "sub_beta" else ["Conv"]
+    assert ops == expected + ["BinaryConv"] * nb, (desc, ops)
+    if desc["chain"]:  # the link between the two binary layers is packed bits, no float
+        assert link_stats(final) == {"packed": 1, "float": 0}, desc
     scale = max(1.0, float(np.abs(want).max()))
     assert got.shape == want.shape, desc
     d = float(np.abs(got - want).max()) / scale

@@ -214,6 +214,10 @@ def compile_cmd(model, target, out, input_shape, pipeline, dump_after, verify, n
     click.echo(f"wrote {out}/ for {target}: {st['binary_convs']} binary convs (packed-bit), {st['fp_convs']} float convs, "
                f"weights {st['weights_bytes'] / 1024:.1f} KiB (source {st['source_weights_bytes'] / 1024:.1f} KiB), "
                f"{man['compile_seconds']['total']:.1f} s")
+    links = st.get("binary_links") or {}
+    if links.get("packed") or links.get("float"):
+        click.echo(f"  binary -> binary links: {links.get('packed', 0)} packed bits, {links.get('float', 0)} float "
+                   f"(read as float elsewhere too, e.g. by a shortcut)")
     import json
 
     with open(os.path.join(out, "report.json")) as f:

@@ -70,6 +70,7 @@ def _weights_bytes(model: onnx.ModelProto) -> int:
 
 
 def _stats(final, source, report):
+    from bdp.passes.links import link_stats
     from bdp.passes.ops import DOMAIN
 
     binary = [n for n in final.graph.node if n.domain == DOMAIN and n.op_type == "BinaryConv"]
@@ -80,6 +81,9 @@ def _stats(final, source, report):
         "weights_bytes": _weights_bytes(final),
         "source_weights_bytes": _weights_bytes(source),
         "left_float": len(report.left_float),
+        # binary conv -> binary conv links: packed bits, or float (the output is also read as a
+        # float, e.g. by a shortcut)
+        "binary_links": link_stats(final),
     }
 
 
