@@ -3,12 +3,13 @@
 ``bdp passes`` lists them; ``run_pipeline(model, "default")`` runs the default pipeline.
 """
 
-from . import binary_conv, canonicalize, forms, links  # noqa: F401  (register the passes)
+from . import binary_conv, canonicalize, forms, links, rewrites  # noqa: F401  (register the passes)
 from .core import PASSES, PIPELINES, Pass, Report, register_pass, register_pipeline, run_pipeline
 from .ops import DOMAIN, attach_functions, register_schemas
 
 register_pipeline("canonicalize", ["name-nodes", "qonnx-to-standard", "fold-constants", "fold-batchnorm"])
-register_pipeline("default", ["name-nodes", "qonnx-to-standard", "fold-constants", "fold-batchnorm", "fuse-binary-conv",
+register_pipeline("default", ["name-nodes", "qonnx-to-standard", "fold-constants", "fold-batchnorm",
+                              "binary-convtranspose", "sink-binarizer-maxpool", "fuse-binary-conv",
                               "fold-binary-glue", "fold-sign-output", "report-float"])
 
 __all__ = ["PASSES", "PIPELINES", "Pass", "Report", "register_pass", "register_pipeline", "run_pipeline",

@@ -1,0 +1,132 @@
+"""Exact rewrites that bring more binary layers into the form ``fuse-binary-conv`` packs.
+
+``binary-convtranspose``: a transposed conv whose kernel equals its stride (the 2x2 / stride 2
+up-sampling of binary decoders: BiDense up-blocks, BQ-Dense) has no overlapping taps, so
+
+    ConvTranspose(x, W)[n, m, s*i + a, s*j + b] = sum_c x[n, c, i, j] * W[c, m, a, b]
+
+is a 1x1 conv with ``M*s*s`` output channels ``(m, a, b)`` followed by ``DepthToSpace``
+(blocksize s, CRD order). On a binarized input, that 1x1 conv is a binary conv like any other
+(weights ``+/-alpha_m``), so it runs packed. A BatchNormalization right after the transposed conv
+is folded into the 1x1 conv's weights and bias first (per output channel m, repeated over a, b).
+The same terms are summed for every output value, so the rewrite is exact.
+
+``sink-binarizer-maxpool``: ``MaxPool(sgn(x)) = sgn(MaxPool(x))`` for a threshold binarizer (a
+monotone map commutes with max; MaxPool's padding never wins a max). Moving the binarizer past the
+pool lets it fold into the binary conv that follows: a binary max-pool becomes a float max-pool of
+the pre-activation plus the packed conv's own binarize-and-pack.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .binary_conv import match_binarizer
+from .canonicalize import const_value, from_gs, to_gs
+from .core import register_pass
+
+
+def _ints(v, n, default):
+    return [int(x) for x in v] if v is not None else [default] * n
+
+
+@register_pass("binary-convtranspose", "binarized ConvTranspose with kernel == stride -> 1x1 Conv + DepthToSpace "
+                                       "(then packed by fuse-binary-conv)")
+def binary_convtranspose(model, report):
+    graph = to_gs(model)
+    outs = {t.name for t in graph.outputs}
+    changed = False
+    for ct in [n for n in graph.nodes if n.op == "ConvTranspose"]:
+        if not ct.inputs or not isinstance(ct.inputs[0], gs.Variable) or match_binarizer(ct.inputs[0]) is None:
+            continue
+        w = const_value(ct.inputs[1]) if len(ct.inputs) > 1 else None
+        if w is None or w.ndim != 4:
+            continue
+        cin, mg, kh, kw = w.shape
+        a = ct.attrs
+        strides = _ints(a.get("strides"), 2, 1)
+        why = None
+        if int(a.get("group", 1)) != 1:
+            why = "grouped"
+        elif not (kh == kw == strides[0] == strides[1]):
+            why = f"kernel {kh}x{kw} != stride {strides}"
+        elif any(_ints(a.get("pads"), 4, 0)) or any(_ints(a.get("output_padding"), 2, 0)) \
+                or a.get("output_shape") is not None or any(d != 1 for d in _ints(a.get("dilations"), 2, 1)):
+            why = "pads, output padding, output shape or dilation"
+        elif a.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET", "VALID", b"VALID"):
+            why = "auto_pad"
+        if why:
+            report.leave(ct.name, "ConvTranspose", f"binarized ConvTranspose ({why}): only kernel == stride, "
+                                                   "no padding, runs packed; this one runs in float")
+            continue
+        k = kh
+        b = const_value(ct.inputs[2]) if len(ct.inputs) > 2 and ct.inputs[2].name else None
+        if len(ct.inputs) > 2 and ct.inputs[2].name and b is None:
+            continue
+        bias = np.zeros(mg, np.float64) if b is None else np.asarray(b, np.float64).reshape(-1)
+        scale = np.ones(mg, np.float64)
+        y = ct.outputs[0]
+        final = y
+        bn = y.outputs[0] if len(y.outputs) == 1 and y.name not in outs else None
+        folded_bn = None
+        if bn is not None and bn.op == "BatchNormalization" and not bn.attrs.get("training_mode", 0):
+            vals = [const_value(t) for t in bn.inputs[1:5]]
+            if all(v is not None for v in vals):
+                gamma, beta, mean, var = (np.asarray(v, np.float64).reshape(-1) for v in vals)
+                s = gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+                scale, bias = s, (bias - mean) * s + beta
+                final = bn.outputs[0]
+                folded_bn = bn
+        # W'[(m, a, b), c] = W[c, m, a, b] * scale[m]
+        w2 = (np.asarray(w, np.float64) * scale.reshape(1, mg, 1, 1)).transpose(1, 2, 3, 0).reshape(mg * k * k, cin, 1, 1)
+        b2 = np.repeat(bias, k * k)
+        z = gs.Variable(ct.name + "_s2d", dtype=np.float32)
+        conv = gs.Node("Conv", name=ct.name, attrs={"kernel_shape": [1, 1], "strides": [1, 1], "pads": [0, 0, 0, 0]},
+                       inputs=[ct.inputs[0], gs.Constant(ct.name + "_w1x1", w2.astype(np.float32)),
+                               gs.Constant(ct.name + "_b1x1", b2.astype(np.float32))],
+                       outputs=[z])
+        d2s = gs.Node("DepthToSpace", name=ct.name + "_d2s", attrs={"blocksize": k, "mode": "CRD"},
+                      inputs=[z], outputs=[final])
+        ct.inputs, ct.outputs = [], []
+        if folded_bn is not None:
+            folded_bn.inputs, folded_bn.outputs = [], []
+        graph.nodes += [conv, d2s]
+        report.fuse("binary-convtranspose", ct.name,
+                    f"ConvTranspose {k}x{k}/{k} -> Conv 1x1 ({cin}->{mg * k * k} ch) + DepthToSpace"
+                    + (f", {folded_bn.name} folded" if folded_bn is not None else ""))
+        changed = True
+    if changed:
+        graph.cleanup()
+    return from_gs(graph, model)
+
+
+@register_pass("sink-binarizer-maxpool", "MaxPool(sign(x)) -> sign(MaxPool(x)), so the binarizer folds into the "
+                                         "next binary conv")
+def sink_binarizer_maxpool(model, report):
+    graph = to_gs(model)
+    outs = {t.name for t in graph.outputs}
+    changed = False
+    for mp in [n for n in graph.nodes if n.op == "MaxPool"]:
+        if len(mp.outputs) != 1 or not isinstance(mp.inputs[0], gs.Variable):
+            continue
+        bt = mp.inputs[0]
+        m = match_binarizer(bt)
+        if m is None or m[3] == "Sign" or bt.name in outs or len(bt.outputs) != 1:
+            continue  # ONNX Sign(0) = 0 is not a threshold map; a shared binarizer output stays
+        src, _, where, _ = m
+        cond = where.inputs[0].inputs[0]
+        if len(where.inputs[0].outputs) != 1:
+            continue
+        pooled = gs.Variable(mp.name + "_pre", dtype=np.float32)
+        y = mp.outputs[0]
+        # MaxPool now reads the pre-activation, the binarizer reads the pool
+        mp.inputs[0] = src
+        mp.outputs = [pooled]
+        cond.inputs[0] = pooled
+        where.outputs = [y]
+        report.fuse("sink-binarizer-maxpool", mp.name, f"binarizer {where.name} moved after the max-pool")
+        changed = True
+    if changed:
+        graph.cleanup()
+    return from_gs(graph, model)
