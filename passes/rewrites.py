@@ -130,3 +130,113 @@ def sink_binarizer_maxpool(model, report):
     if changed:
         graph.cleanup()
     return from_gs(graph, model)
+
+
+def _rebinarize(graph, src: gs.Variable, match, name):
+    """A fresh binarizer of the same kind as MATCH (from match_binarizer) applied to SRC."""
+    _, thr, _, kind = match
+    out = gs.Variable(name, dtype=np.float32)
+    if kind == "Sign":
+        graph.nodes.append(gs.Node("Sign", name=name + "_sign", inputs=[src], outputs=[out]))
+        return out
+    ge = gs.Variable(name + "_ge", dtype=bool)
+    graph.nodes.append(gs.Node("GreaterOrEqual", name=name + "_cmp",
+                               inputs=[src, gs.Constant(name + "_t", np.array(thr, np.float32))], outputs=[ge]))
+    graph.nodes.append(gs.Node("Where", name=name + "_where",
+                               inputs=[ge, gs.Constant(name + "_p1", np.array(1.0, np.float32)),
+                                       gs.Constant(name + "_m1", np.array(-1.0, np.float32))], outputs=[out]))
+    return out
+
+
+def _node(graph, op, inputs, name, **attrs):
+    out = gs.Variable(name, dtype=np.float32)
+    graph.nodes.append(gs.Node(op, name=name + "_" + op.lower(), attrs=attrs, inputs=inputs, outputs=[out]))
+    return out
+
+
+@register_pass("binary-matmul", "binarized MatMul / Gemm with +/-alpha weight columns -> 1x1 Conv (then packed by "
+                                "fuse-binary-conv), data movement in front of the binarizer")
+def binary_matmul(model, report):
+    """``MatMul(sgn(x), W)`` for x of rank 2 ([N, K]) or 3 ([B, T, K]) and a constant W [K, M] whose
+    every column is ``+/-alpha_m`` (a binary linear layer or attention projection), and
+    ``Gemm(sgn(x), W, C)`` likewise, become a 1x1 conv over ``[N, K, 1, 1]`` (or ``[B, K, T, 1]``)
+    whose binarizer is applied after the Transpose/Unsqueeze (a sign commutes with moving data);
+    ``fuse-binary-conv`` then packs it. Exact: the same K products are summed per output."""
+    import onnx
+
+    from .binary_conv import sign_scale
+
+    if not any(n.op_type in ("MatMul", "Gemm") for n in model.graph.node):
+        return model
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # shapes stay unknown; ranks are then unknown and nothing is rewritten
+        inferred = model
+    graph = to_gs(inferred)
+    changed = False
+    for mm in [n for n in graph.nodes if n.op in ("MatMul", "Gemm")]:
+        a_in = mm.inputs[0]
+        if not isinstance(a_in, gs.Variable):
+            continue
+        m = match_binarizer(a_in)
+        if m is None:
+            continue
+        w = const_value(mm.inputs[1])
+        attrs = mm.attrs
+        alpha_g, beta_g = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+        why = None
+        if mm.op == "Gemm" and int(attrs.get("transA", 0)):
+            why = "Gemm with transA"
+        elif w is None or w.ndim != 2:
+            why = "weights are not a constant matrix"
+        if why is None:
+            w = np.asarray(w, np.float32)
+            wt = (w if (mm.op == "Gemm" and int(attrs.get("transB", 0))) else w.T) * np.float32(alpha_g)  # [M, K]
+            if sign_scale(wt) is None:
+                why = "weights are not +/-alpha per output column"
+        bias = None
+        if why is None and mm.op == "Gemm" and len(mm.inputs) > 2 and mm.inputs[2].name:
+            c = const_value(mm.inputs[2])
+            mdim = wt.shape[0]
+            if c is None or c.size not in (1, mdim) or (c.ndim == 2 and c.shape[0] != 1):
+                why = "Gemm bias C is not a constant vector"
+            else:
+                bias = (np.broadcast_to(np.asarray(c, np.float32).reshape(-1), (mdim,)) * np.float32(beta_g))
+        rank = None
+        shape = getattr(a_in, "shape", None)
+        if shape is not None:
+            rank = len(shape)
+        if why is None and rank not in (2, 3):
+            why = f"input of rank {rank} (2 or 3 supported)"
+        if mm.op == "Gemm" and why is None and rank != 2:
+            why = "Gemm input is not 2-D"
+        if why:
+            report.leave(mm.name, mm.op, f"binarized {mm.op}: {why}; runs in float")
+            continue
+        src = m[0]
+        name = mm.name
+        k, mdim = wt.shape[1], wt.shape[0]
+        if rank == 2:
+            x4 = _node(graph, "Unsqueeze", [src, gs.Constant(name + "_ax23", np.array([2, 3], np.int64))], name + "_x4")
+        else:
+            xt = _node(graph, "Transpose", [src], name + "_xt", perm=[0, 2, 1])
+            x4 = _node(graph, "Unsqueeze", [xt, gs.Constant(name + "_ax3", np.array([3], np.int64))], name + "_x4")
+        xb = _rebinarize(graph, x4, m, name + "_xb")
+        ins = [xb, gs.Constant(name + "_w1x1", wt.reshape(mdim, k, 1, 1).astype(np.float32))]
+        if bias is not None:
+            ins.append(gs.Constant(name + "_b1x1", bias.astype(np.float32)))
+        y4 = _node(graph, "Conv", ins, name + "_y4", kernel_shape=[1, 1])
+        out = mm.outputs[0]
+        if rank == 2:
+            graph.nodes.append(gs.Node("Squeeze", name=name + "_sq", inputs=[y4, gs.Constant(name + "_sqax", np.array([2, 3], np.int64))],
+                                       outputs=[out]))
+        else:
+            y3 = _node(graph, "Squeeze", [y4, gs.Constant(name + "_sqax", np.array([3], np.int64))], name + "_y3")
+            graph.nodes.append(gs.Node("Transpose", name=name + "_yt", attrs={"perm": [0, 2, 1]}, inputs=[y3],
+                                       outputs=[out]))
+        mm.inputs, mm.outputs = [], []
+        report.fuse("binary-matmul", name, f"binarized {mm.op} ({k}->{mdim}) -> 1x1 Conv")
+        changed = True
+    if changed:
+        graph.cleanup()
+    return from_gs(graph, model)

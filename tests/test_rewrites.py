@@ -83,3 +83,34 @@ def test_binary_maxpool_sinks_and_packs(pool):
     final, rep = run_pipeline(model, "default", verify=True)
     assert [n.op_type for n in final.graph.node] == ["MaxPool", "BinaryConv"]
     np.testing.assert_allclose(build_and_run(final, x, "x86"), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["matmul2", "matmul3", "gemm"])
+def test_binary_matmul_and_gemm_run_packed(form):
+    rng = np.random.default_rng(5)
+    k, m = 70, 33
+    alpha = rng.uniform(0.1, 1, (1, m)).astype(np.float32)
+    w = (np.where(rng.standard_normal((k, m)) >= 0, 1, -1) * alpha).astype(np.float32)  # [K, M]
+    shape = {"matmul2": [4, k], "matmul3": [2, 6, k], "gemm": [5, k]}[form]
+    inits = []
+    if form == "gemm":
+        inits += [numpy_helper.from_array(np.ascontiguousarray(w.T), "w"),
+                  numpy_helper.from_array(rng.standard_normal(m).astype(np.float32), "c")]
+        op = helper.make_node("Gemm", ["xb", "w", "c"], ["y"], transB=1, alpha=0.5, beta=2.0, name="fc")
+    else:
+        inits.append(numpy_helper.from_array(w, "w"))
+        op = helper.make_node("MatMul", ["xb", "w"], ["y"], name="fc")
+    nodes = _where_ge("x", "xb", "t1") + [op]
+    inits.append(numpy_helper.from_array(np.array(0.2, np.float32), "t1"))
+    common = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("one", 1.0), ("mone", -1.0))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits + common)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    x = rng.standard_normal(shape).astype(np.float32)
+    want = run_onnxruntime(model, {"x": x})[0]
+    final, rep = run_pipeline(model, "default", verify=True)
+    ops = [n.op_type for n in final.graph.node]
+    assert "BinaryConv" in ops and "MatMul" not in ops and "Gemm" not in ops, ops
+    got = build_and_run(final, x, "x86")
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
