@@ -106,6 +106,8 @@ class BinaryConvParams:
         """Popcount accumulator: int64 for 64-bit words (vpopcntq adds), else the narrowest exact."""
         if self.word == 64:
             return "int64"
+        if self.depthwise and self.kh * self.kw < 256:
+            return "uint8"  # depthwise: at most kH*kW ones are added, no popcount (see popc)
         bound = self.cw * self.word * self.kh * self.kw
         if self.word <= 16 and bound < 2 ** 15:
             return "int16"
@@ -124,8 +126,23 @@ class BinaryConvParams:
         return oh, ow
 
     @property
+    def depthwise(self):
+        """One input channel per group: taps are 0/1 bytes added along whole rows (no popcount)."""
+        return self.cg == 1
+
+    @property
+    def ow_padded(self):
+        """Output columns the popcount stage computes: depthwise rows are rounded up to whole
+        vectors of 32 (16 for narrow rows) bytes; the extra columns read padding and are dropped."""
+        _, ow = self.out_hw
+        if not self.depthwise:
+            return ow
+        v = 16 if ow <= 16 else 32
+        return -(-ow // v) * v
+
+    @property
     def needs_pad_stage(self):
-        return any(self.pads) or self.strides[1] != 1
+        return any(self.pads) or self.strides[1] != 1 or self.ow_padded != self.out_hw[1]
 
     @property
     def needs_corr(self):
@@ -277,7 +294,7 @@ def binary_conv_te(X, Wp, scale, bias, Dt, p: BinaryConvParams, thresholds=None)
     Xu = te.compute((p.n, group, cw, p.h, p.w), pack, name="bdp_pack")
 
     if p.needs_pad_stage:
-        wq = -(-wpd // sw)
+        wq = max(-(-wpd // sw), p.ow_padded + (p.dilations[1] * (p.kw - 1)) // sw + 1)
 
         def pad(n, g, c, y, ph, q):
             col = q * sw + ph
@@ -302,9 +319,11 @@ def binary_conv_te(X, Wp, scale, bias, Dt, p: BinaryConvParams, thresholds=None)
     def popc(n, m, y, x):
         g = m // mg if group > 1 else 0
         v = xread(n, g, rc, y * sh + rr * dh, rs, x) ^ Wp[rr, rs, rc, m]
+        if p.depthwise:  # one channel per group: the word is 0 or 1, its own popcount
+            return te.sum(v.astype(acc), axis=[rr, rs, rc])
         return te.sum(tirx.popcount(v).astype(acc), axis=[rr, rs, rc])
 
-    P = te.compute((p.n, p.m, oh, ow), popc, name="bdp_popcount")
+    P = te.compute((p.n, p.m, oh, p.ow_padded), popc, name="bdp_popcount")
     total = cg * p.kh * p.kw
     edt = "int64" if acc == "int64" else "int32"
     two = tirx.const(2, edt)

@@ -214,6 +214,43 @@ def _sched_bits_cpu(sch, p):
     sch.unroll(j)
 
 
+def _depthwise_cpu(sch, p, blk, loops):
+    """One input channel per group: the taps are 0/1 bytes, added in uint8 (int16 for kernels of
+    256+ taps) over vectors of 16/32 output columns kept in registers across every tap (the row is
+    computed rounded up to whole vectors, see ``ow_padded``); the epilogue is its own pass over
+    the rows."""
+    n, m, y, x, r, s, c = loops
+    v = 16 if p.ow_padded <= 16 else 32
+    xo, xi = sch.split(x, [None, v])
+    sch.reorder(n, m, y, xo, r, s, c, xi)
+    loc = sch.cache_write(blk, 0, "local")
+    sch.reverse_compute_at(loc, xo)
+    below = _loops_below(sch, loc, xo)
+    if below:
+        sch.vectorize(below[-1])
+    oh, ow = p.out_hw
+    parallel = p.n * p.m * oh * ow >= PARALLEL_MIN_ELEMENTS  # a depthwise tap is a byte add
+    rows = sch.fuse(n, m, y)
+    if parallel:
+        sch.parallel(rows)
+    sch.vectorize(xi)
+    init = sch.decompose_reduction(blk, r)
+    sch.vectorize(sch.get_loops(init)[-1])
+    if p.out_mode == "bits":
+        _sched_bits_cpu(sch, p)
+    else:
+        ep = sch.get_sblock("bdp_binary_conv")
+        en, em, ey, ex = sch.get_loops(ep)
+        erows = sch.fuse(en, em, ey)
+        if parallel:
+            sch.parallel(erows)
+        vx = next(d for d in (16, 8, 4, 2, 1) if ow % d == 0)
+        if vx > 1:
+            _, exi = sch.split(ex, [None, vx])
+            sch.vectorize(exi)
+    return sch.mod["main"]
+
+
 def _cpu_binary_schedule(func, p, spec):
     from tvm import s_tir
 
@@ -224,6 +261,8 @@ def _cpu_binary_schedule(func, p, spec):
     _sched_pad_cpu(sch, p.n * p.group * p.cw * hp * wp >= PARALLEL_MIN_ELEMENTS)
     blk = sch.get_sblock("bdp_popcount")
     n, m, y, x, r, s, c = sch.get_loops(blk)
+    if p.depthwise:
+        return _depthwise_cpu(sch, p, blk, (n, m, y, x, r, s, c))
     if plan["orient"] == "x":
         mo, mi = sch.split(m, [None, plan["mt"]])
         xo, xi = sch.split(x, [None, plan["xv"]])
@@ -331,8 +370,8 @@ def _cuda_binary_schedule(func, p, spec):
     sch.bind(tx, "threadIdx.x")
     loc = sch.cache_write(blk, 0, "local")
     sch.reverse_compute_at(loc, tx)
-    if p.out_mode == "bits":
-        bb = sch.get_sblock("bdp_binary_conv")  # one thread per output byte
+    if p.out_mode == "bits" or p.ow_padded != p.out_hw[1]:
+        bb = sch.get_sblock("bdp_binary_conv")  # one thread per output byte / value
         loops = sch.get_loops(bb)
         fused = sch.fuse(*loops[:-1])
         bx2, tx2 = sch.split(fused, factors=[None, 128])
