@@ -133,7 +133,9 @@ def bdp_frontend():
     from tvm.relax.frontend.onnx import onnx_frontend as fe
 
     orig = fe._get_convert_map
-    extra = {"BinaryConv": _binary_conv_converter()}
+    from .resize import resize_converter
+
+    extra = {"BinaryConv": _binary_conv_converter(), "Resize": resize_converter()}
 
     def patched():
         table = dict(orig())
