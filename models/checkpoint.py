@@ -11,11 +11,11 @@ Layout::
 from __future__ import annotations
 
 import os
-import tempfile
 
 import torch
 
 from bdp.errors import InputError
+from bdp.files import atomic_path
 
 FORMAT = "bdp-checkpoint"
 VERSION = 1
@@ -33,16 +33,8 @@ def save_checkpoint(model, path, meta=None):
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": meta or {},
     }
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=d)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

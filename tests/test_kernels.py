@@ -7,7 +7,6 @@ integer dot product ``D`` is recovered from both outputs and must match exactly.
 """
 
 import json
-import os
 import re
 
 import numpy as np

@@ -177,15 +177,10 @@ def export_cmd(model, out, input_shape, plain):
     m = attach_functions(m)
     if m.ir_version > 10:
         m.ir_version = 10
-    path = os.path.abspath(out)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    try:
+    from bdp.files import atomic_path
+
+    with atomic_path(out) as tmp:
         onnx.save(m, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     click.echo(f"wrote {out}")
 
 

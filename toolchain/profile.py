@@ -151,12 +151,11 @@ def format_text(res) -> str:
 
 
 def write_json(path, res):
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=2)
-    os.replace(tmp, path)
+    from bdp.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(res, f, indent=2)
 
 
 def chart_png(path, res):
