@@ -9,7 +9,8 @@ from .ops import DOMAIN, attach_functions, register_schemas
 
 register_pipeline("canonicalize", ["name-nodes", "qonnx-to-standard", "fold-constants", "fold-batchnorm"])
 register_pipeline("default", ["name-nodes", "qonnx-to-standard", "fold-constants", "fold-batchnorm",
-                              "binary-convtranspose", "binary-matmul", "sink-binarizer-maxpool", "fuse-binary-conv",
+                              "factor-sample-scale", "binary-convtranspose", "binary-matmul", "sink-binarizer-maxpool",
+                              "fuse-binary-conv",
                               "fold-binary-glue", "fold-sign-output", "report-float"])
 
 __all__ = ["PASSES", "PIPELINES", "Pass", "Report", "register_pass", "register_pipeline", "run_pipeline",

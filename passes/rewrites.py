@@ -240,3 +240,78 @@ def binary_matmul(model, report):
     if changed:
         graph.cleanup()
     return from_gs(graph, model)
+
+
+def _per_sample(t: gs.Tensor) -> bool:
+    """T is a computed (non-constant) tensor with one value per sample: shape [N, 1, ..., 1]."""
+    if not isinstance(t, gs.Variable) or const_value(t) is not None or t.shape is None:
+        return False
+    shape = list(t.shape)
+    return len(shape) >= 2 and all(isinstance(d, int) and d == 1 for d in shape[1:])
+
+
+@register_pass("factor-sample-scale", "Conv(alpha * sgn(x)) with a per-sample data-dependent alpha -> "
+                                      "alpha * Conv(sgn(x)) + bias (the conv then packs)")
+def factor_sample_scale(model, report):
+    """A per-sample activation scale (BiDense DAB with ``dab_alpha="sample"``: ``alpha [N,1,1,1]``
+    computed from the input) is one number for the whole dot product, so it factors out of the
+    conv exactly: ``Conv(alpha * B, W) + b = alpha * Conv(B, W) + b`` (zero padding commutes with
+    the multiply). The binary conv packs, the multiply and the bias stay two cheap float
+    elementwise ops after it. A per-*input-channel* alpha (BiDense's own DAB) does not factor out
+    of the popcount; those convs stay float and the report says so."""
+    import onnx
+
+    if not any(n.op_type == "Conv" for n in model.graph.node):
+        return model
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        inferred = model
+    graph = to_gs(inferred)
+    changed = False
+    for conv in [n for n in graph.nodes if n.op == "Conv"]:
+        t = conv.inputs[0]
+        pad = None
+        if len(t.inputs) == 1 and t.inputs[0].op == "Pad":
+            pad = t.inputs[0]
+            pv = const_value(pad.inputs[2]) if len(pad.inputs) > 2 and pad.inputs[2].name else np.zeros(1)
+            if pv is None or np.any(pv != 0) or pad.attrs.get("mode", "constant") not in ("constant", b"constant"):
+                continue
+            t = pad.inputs[0]
+        if len(t.inputs) != 1 or t.inputs[0].op != "Mul":
+            continue
+        mul = t.inputs[0]
+        pair = None
+        for a, b in ((0, 1), (1, 0)):
+            if isinstance(mul.inputs[a], gs.Variable) and match_binarizer(mul.inputs[a]) is not None \
+                    and _per_sample(mul.inputs[b]):
+                pair = (mul.inputs[a], mul.inputs[b])
+        if pair is None:
+            continue
+        bsig, alpha = pair
+        w = const_value(conv.inputs[1])
+        if w is None or w.ndim != 4:
+            continue
+        name = conv.name
+        m = w.shape[0]
+        if pad is not None:  # pad the binarized tensor itself (zero padding either way)
+            padded = gs.Variable(name + "_padb", dtype=np.float32)
+            graph.nodes.append(gs.Node("Pad", name=name + "_padb", attrs=dict(pad.attrs),
+                                       inputs=[bsig] + list(pad.inputs[1:]), outputs=[padded]))
+            bsig = padded
+        bias = conv.inputs[2] if len(conv.inputs) > 2 and conv.inputs[2].name else None
+        y = conv.outputs[0]
+        raw = gs.Variable(name + "_unscaled", dtype=np.float32)
+        conv.inputs = [bsig, conv.inputs[1]]
+        conv.outputs = [raw]
+        scaled = y if bias is None else gs.Variable(name + "_scaled", dtype=np.float32)
+        graph.nodes.append(gs.Node("Mul", name=name + "_alpha", inputs=[raw, alpha], outputs=[scaled]))
+        if bias is not None:
+            bv = const_value(bias)
+            b4 = gs.Constant(name + "_bias4", np.asarray(bv, np.float32).reshape(1, m, 1, 1)) if bv is not None else bias
+            graph.nodes.append(gs.Node("Add", name=name + "_bias", inputs=[scaled, b4], outputs=[y]))
+        report.fuse("factor-sample-scale", name, "per-sample activation scale moved after the conv")
+        changed = True
+    if changed:
+        graph.cleanup()
+    return from_gs(graph, model)
