@@ -26,7 +26,25 @@ from .binarize import (EDESign, LearnableBias, RPReLU, binarize_weight, make_bin
                        weight_mode_kwargs)
 
 
-class BinaryConv2d(nn.Conv2d):
+class _BinaryWeights:
+    """What binary convs and transposed convs share: the activation binarizer and
+    ``alpha_c * sgn(W)`` weights (``alpha`` per output channel, axis ``_out_axis`` of the weight)."""
+
+    _out_axis = 0
+
+    def _init_binary(self, in_channels, binarizer, binarizer_kwargs, weight_mode):
+        self.weight_mode = weight_mode
+        self._wkw = weight_mode_kwargs(weight_mode)
+        self.act = make_binarizer(binarizer, channels=in_channels, **(binarizer_kwargs or {}))
+
+    def binary_weight(self) -> torch.Tensor:
+        kw = dict(self._wkw)
+        if self.weight_mode == "irnet" and isinstance(self.act, EDESign):
+            kw["ede"] = (self.act.k, self.act.t)
+        return binarize_weight(self.weight, channel_dim=self._out_axis, **kw)
+
+
+class BinaryConv2d(_BinaryWeights, nn.Conv2d):
     """Binary conv: ``conv(binarizer(x), alpha_c * sgn(W))``.
 
     ``weight_mode``: ``"xnor"`` (default, ``alpha_c = mean|W[c]|``) or ``"irnet"`` (IR-Net:
@@ -41,15 +59,7 @@ class BinaryConv2d(nn.Conv2d):
         if pad_value not in (0.0, 1.0, -1.0):
             raise ValueError("pad_value must be 0, 1 or -1")
         self.pad_value = float(pad_value)
-        self.weight_mode = weight_mode
-        self._wkw = weight_mode_kwargs(weight_mode)
-        self.act = make_binarizer(binarizer, channels=in_channels, **(binarizer_kwargs or {}))
-
-    def binary_weight(self) -> torch.Tensor:
-        kw = dict(self._wkw)
-        if self.weight_mode == "irnet" and isinstance(self.act, EDESign):
-            kw["ede"] = (self.act.k, self.act.t)
-        return binarize_weight(self.weight, **kw)
+        self._init_binary(in_channels, binarizer, binarizer_kwargs, weight_mode)
 
     def forward(self, x):
         xb = self.act(x)
@@ -64,27 +74,20 @@ class BinaryConv2d(nn.Conv2d):
         return super().extra_repr() + f", binarizer={self.act.binarizer_name}, pad_value={self.pad_value:g}"
 
 
-class BinaryConvTranspose2d(nn.ConvTranspose2d):
+class BinaryConvTranspose2d(_BinaryWeights, nn.ConvTranspose2d):
     """Binary transposed conv: ``conv_transpose(binarizer(x), alpha_c * sgn(W))``, ``alpha_c`` the
     mean |W| of output channel c (axis 1 of a ConvTranspose weight). Counted as binary MACs by
     :func:`bdp.models.zoo.count_macs` (``bdp_binary``). A transposed conv has no input padding,
     so the signed tensor's border needs no convention."""
 
     bdp_binary = True
+    _out_axis = 1
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0,
                  groups=1, bias=False, dilation=1, binarizer="ste", binarizer_kwargs=None, weight_mode="xnor"):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                          output_padding=output_padding, groups=groups, bias=bias, dilation=dilation)
-        self.weight_mode = weight_mode
-        self._wkw = weight_mode_kwargs(weight_mode)
-        self.act = make_binarizer(binarizer, channels=in_channels, **(binarizer_kwargs or {}))
-
-    def binary_weight(self) -> torch.Tensor:
-        kw = dict(self._wkw)
-        if self.weight_mode == "irnet" and isinstance(self.act, EDESign):
-            kw["ede"] = (self.act.k, self.act.t)
-        return binarize_weight(self.weight, channel_dim=1, **kw)
+        self._init_binary(in_channels, binarizer, binarizer_kwargs, weight_mode)
 
     def forward(self, x):
         return F.conv_transpose2d(self.act(x), self.binary_weight(), self.bias, self.stride, self.padding,
