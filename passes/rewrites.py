@@ -247,7 +247,10 @@ def _per_sample(t: gs.Tensor) -> bool:
     if not isinstance(t, gs.Variable) or const_value(t) is not None or t.shape is None:
         return False
     shape = list(t.shape)
-    return len(shape) >= 2 and all(isinstance(d, int) and d == 1 for d in shape[1:])
+    if all(isinstance(d, int) and d == 1 for d in shape):  # a computed scalar
+        return True
+    # [N, 1, 1, 1] only: ONNX broadcasting aligns a shorter [N, 1, 1] to the channel axis
+    return len(shape) == 4 and all(isinstance(d, int) and d == 1 for d in shape[1:])
 
 
 @register_pass("factor-sample-scale", "Conv(alpha * sgn(x)) with a per-sample data-dependent alpha -> "
