@@ -24,8 +24,6 @@ other one is not.
 
 from __future__ import annotations
 
-import onnx_graphsurgeon as gs
-
 from .binary_conv import match_binarizer
 from .canonicalize import from_gs, to_gs
 from .core import register_pass
@@ -36,19 +34,38 @@ def _is_bc(n):
     return n.op == BINARY_CONV and n.domain == DOMAIN
 
 
-def packed_link_consumers(y: gs.Variable, graph_outputs) -> list | None:
-    """The BinaryConv consumers of a ±1 tensor Y if Y can travel as packed bits, else None: Y is
-    not a graph output and every consumer is a BinaryConv reading it as X at a threshold in
-    (-1, 1] (which reads ±1 unchanged)."""
-    if y.name in graph_outputs or not y.outputs:
-        return None
-    cons = list(y.outputs)
-    for c in cons:
-        if not _is_bc(c) or c.inputs[0] is not y or any(t is y for t in c.inputs[1:]):
-            return None
-        if not -1.0 < float(c.attrs.get("act_threshold", 0.0)) <= 1.0:
-            return None
-    return cons
+def _is_bc_proto(n):
+    return n.op_type == BINARY_CONV and n.domain == DOMAIN
+
+
+def packed_links(model) -> dict:
+    """The one rule for packed-bit links, on the ONNX proto: for every ``bdp.BinaryConv`` with
+    ``out_sign=1``, the names of the binary convs reading its output as packed bits, or None when
+    the output must stay ±1 floats.
+
+    The output travels as bits when it is not a graph output, the producer's weight is a constant
+    (its channel count sizes the bits), and every consumer is a BinaryConv reading it as X at a
+    threshold in (-1, 1] (which reads ±1 unchanged). ``link_stats`` counts with it and the compiler
+    (:func:`bdp.targets.lower.plan_links`) lowers with it, so the two cannot disagree."""
+    from .ops import binary_conv_attrs
+
+    is_bc = _is_bc_proto
+    inits = {t.name for t in model.graph.initializer}
+    outs = {o.name for o in model.graph.output}
+    cons = {}
+    for n in model.graph.node:
+        for i, name in enumerate(n.input):
+            cons.setdefault(name, []).append((n, i))
+    plan = {}
+    for n in model.graph.node:
+        if not is_bc(n) or not binary_conv_attrs(n)["out_sign"]:
+            continue
+        y = n.output[0]
+        users = cons.get(y, [])
+        ok = bool(users) and y not in outs and n.input[1] in inits and all(
+            is_bc(c) and i == 0 and -1.0 < binary_conv_attrs(c)["act_threshold"] <= 1.0 for c, i in users)
+        plan[n.name] = [c.name for c, _ in users] if ok else None
+    return plan
 
 
 @register_pass("fold-sign-output", "fold the next binarizer into a bdp.BinaryConv (integer thresholds; "
@@ -105,16 +122,21 @@ def fold_sign_output(model, report):
 
 def link_stats(model) -> dict:
     """Count the links between binary convs of a (passed) model: ``packed`` ones (bits from one
-    kernel into the next) and ``float`` ones (the producer's output is also needed as a float)."""
-    graph = to_gs(model)
-    outs = {t.name for t in graph.outputs}
+    kernel into the next, by :func:`packed_links`) and ``float`` ones (the producer's output is
+    also needed as a float)."""
+    plan = packed_links(model)
+    cons = {}
+    for n in model.graph.node:
+        if n.input:
+            cons.setdefault(n.input[0], []).append(n)
     packed = flt = 0
-    for a in [n for n in graph.nodes if _is_bc(n)]:
-        y = a.outputs[0]
-        into_bc = [c for c in y.outputs if _is_bc(c) and c.inputs[0] is y]
+    for n in model.graph.node:
+        if not _is_bc_proto(n):
+            continue
+        into_bc = [c for c in cons.get(n.output[0], []) if _is_bc_proto(c)]
         if not into_bc:
             continue
-        if int(a.attrs.get("out_sign", 0)) and packed_link_consumers(y, outs) is not None:
+        if plan.get(n.name) is not None:
             packed += len(into_bc)
         else:
             flt += len(into_bc)

@@ -45,29 +45,16 @@ def plan_links(model: onnx.ModelProto) -> dict:
     writes packed bits and those consumers read them, ``in_channels`` > 0, with no pack stage from
     float).
     """
-    from bdp.passes.ops import BINARY_CONV, DOMAIN, binary_conv_attrs
-
-    def is_bc(n):
-        return n.op_type == BINARY_CONV and n.domain == DOMAIN
+    from bdp.passes.links import packed_links
+    from bdp.passes.ops import BINARY_CONV, DOMAIN
 
     inits = {t.name: list(t.dims) for t in model.graph.initializer}
-    outs = {o.name for o in model.graph.output}
-    cons = {}
-    for n in model.graph.node:
-        for i, name in enumerate(n.input):
-            cons.setdefault(name, []).append((n, i))
-    plan = {n.name: [0, "float"] for n in model.graph.node if is_bc(n)}
-    for n in model.graph.node:
-        if not is_bc(n) or not binary_conv_attrs(n)["out_sign"]:
-            continue
-        y = n.output[0]
-        users = cons.get(y, [])
-        ok = bool(users) and y not in outs and n.input[1] in inits and all(
-            is_bc(c) and i == 0 and -1.0 < binary_conv_attrs(c)["act_threshold"] <= 1.0 for c, i in users)
-        plan[n.name][1] = "bits" if ok else "sign"
-        if ok:
-            for c, _ in users:
-                plan[c.name][0] = int(inits[n.input[1]][0])
+    nodes = {n.name: n for n in model.graph.node}
+    plan = {n.name: [0, "float"] for n in model.graph.node if n.op_type == BINARY_CONV and n.domain == DOMAIN}
+    for name, users in packed_links(model).items():
+        plan[name][1] = "sign" if users is None else "bits"
+        for c in users or ():
+            plan[c][0] = int(inits[nodes[name].input[1]][0])
     return {k: tuple(v) for k, v in plan.items()}
 
 
