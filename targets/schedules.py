@@ -214,6 +214,19 @@ def _sched_bits_cpu(sch, p):
     sch.unroll(j)
 
 
+def _register_accumulators(sch, blk, at, p, epilogue):
+    """Keep BLK's accumulators in registers: a local cache of the tile written back (vectorized)
+    below loop AT; then the output stage, packed bits or EPILOGUE() for float / ±1 output."""
+    loc = sch.cache_write(blk, 0, "local")
+    sch.reverse_compute_at(loc, at)
+    if p.out_mode == "bits":
+        _sched_bits_cpu(sch, p)
+    else:
+        epilogue()
+    below = _loops_below(sch, loc, at)
+    _vectorize_if(sch, below[-1] if below else None)
+
+
 def _depthwise_cpu(sch, p, blk, loops):
     """One input channel per group: the taps are 0/1 bytes, added in uint8 (int16 for kernels of
     256+ taps) over vectors of 16/32 output columns kept in registers across every tap (the row is
@@ -223,22 +236,10 @@ def _depthwise_cpu(sch, p, blk, loops):
     v = 16 if p.ow_padded <= 16 else 32
     xo, xi = sch.split(x, [None, v])
     sch.reorder(n, m, y, xo, r, s, c, xi)
-    loc = sch.cache_write(blk, 0, "local")
-    sch.reverse_compute_at(loc, xo)
-    below = _loops_below(sch, loc, xo)
-    if below:
-        sch.vectorize(below[-1])
     oh, ow = p.out_hw
     parallel = p.n * p.m * oh * ow >= PARALLEL_MIN_ELEMENTS  # a depthwise tap is a byte add
-    rows = sch.fuse(n, m, y)
-    if parallel:
-        sch.parallel(rows)
-    sch.vectorize(xi)
-    init = sch.decompose_reduction(blk, r)
-    sch.vectorize(sch.get_loops(init)[-1])
-    if p.out_mode == "bits":
-        _sched_bits_cpu(sch, p)
-    else:
+
+    def epilogue():  # its own pass over the rows
         ep = sch.get_sblock("bdp_binary_conv")
         en, em, ey, ex = sch.get_loops(ep)
         erows = sch.fuse(en, em, ey)
@@ -248,6 +249,14 @@ def _depthwise_cpu(sch, p, blk, loops):
         if vx > 1:
             _, exi = sch.split(ex, [None, vx])
             sch.vectorize(exi)
+
+    _register_accumulators(sch, blk, xo, p, epilogue)
+    rows = sch.fuse(n, m, y)
+    if parallel:
+        sch.parallel(rows)
+    sch.vectorize(xi)
+    init = sch.decompose_reduction(blk, r)
+    sch.vectorize(sch.get_loops(init)[-1])
     return sch.mod["main"]
 
 
@@ -273,14 +282,8 @@ def _cpu_binary_schedule(func, p, spec):
         xo, xi = sch.split(x, [None, plan["wt"]])
         sch.reorder(n, y, xo, mo, r, s, c, xi, mb, mi)
         inner = [("unroll", xi), ("unroll", mb), ("vectorize", mi)]
-    loc = sch.cache_write(blk, 0, "local")
-    sch.reverse_compute_at(loc, mo)
-    if p.out_mode == "bits":
-        _sched_bits_cpu(sch, p)
-    else:
-        sch.reverse_compute_inline(sch.get_sblock("bdp_binary_conv"))
-    below = _loops_below(sch, loc, mo)
-    _vectorize_if(sch, below[-1] if below else None)
+    _register_accumulators(sch, blk, mo, p,
+                           lambda: sch.reverse_compute_inline(sch.get_sblock("bdp_binary_conv")))
     tiles = sch.fuse(n, y, xo)
     if p.binary_macs >= PARALLEL_MIN_BINARY_MACS:
         sch.parallel(tiles)
