@@ -6,9 +6,10 @@ PyTorch default ``align_corners=False``; nearest with ``asymmetric``/``floor``, 
 clamps and weights for every output value; here, for an integer factor s, output index
 ``o = s*i + p`` has the fixed phase weights of ``p``, and bilinear is separable:
 
-1. rows: ``T[n, c, oy, x] = (1 - wy) * X[n, c, y0, x] + wy * X[n, c, y1, x]`` (a vector op along
-   x; ``y0``, ``y1``, ``wy`` are per-row scalars),
-2. columns: ``Y[n, c, oy, ox]`` the same along x from T.
+1. columns, on the input rows: ``T[n, c, y, ox] = (1 - wx) * X[n, c, y, x0] + wx * X[n, c, y, x1]``
+   (the gathering stage, run on H rows rather than s*H),
+2. rows: ``Y[n, c, oy, ox] = (1 - wy) * T[n, c, y0, ox] + wy * T[n, c, y1, ox]``, a contiguous
+   vector blend along ox (``y0``, ``y1``, ``wy`` are per-row scalars).
 
 At the border the source index is clamped to the edge exactly as ONNX ``Resize`` (linear) and
 PyTorch ``interpolate`` do. The weights are the same numbers onnxruntime uses; the sums are
@@ -67,21 +68,23 @@ def bilinear_te(X, factors):
         wt = tirx.Select(lo < 0, tirx.const(0.0, "float32"), wt)
         return i0, i1, wt
 
-    def rows(b, ch, y, x):
-        y0, y1, wy = axis_terms(y, sh, h)
-        a = X[b, ch, y0, x]
-        return a + wy * (X[b, ch, y1, x] - a)
-
-    T = te.compute((n, c, oh, w), rows, name="bdp_resize_rows") if sh > 1 else X
-
+    # columns first, on the H input rows (the gathering stage, s_W times fewer values than on
+    # the output rows), then rows: contiguous vector blends of two column-scaled rows
     def cols(b, ch, y, x):
         x0, x1, wx = axis_terms(x, sw, w)
-        a = T[b, ch, y, x0]
-        return a + wx * (T[b, ch, y, x1] - a)
+        a = X[b, ch, y, x0]
+        return a + wx * (X[b, ch, y, x1] - a)
 
-    if sw == 1:
+    T = te.compute((n, c, h, ow), cols, name="bdp_resize_cols") if sw > 1 else X
+
+    def rows(b, ch, y, x):
+        y0, y1, wy = axis_terms(y, sh, h)
+        a = T[b, ch, y0, x]
+        return a + wy * (T[b, ch, y1, x] - a)
+
+    if sh == 1:
         return T
-    return te.compute((n, c, oh, ow), cols, name="bdp_resize_cols")
+    return te.compute((n, c, oh, ow), rows, name="bdp_resize_rows")
 
 
 def nearest_te(X, factors):

@@ -38,6 +38,7 @@ NEAREST = dict(mode="nearest", coordinate_transformation_mode="asymmetric", near
     ((2, 3, 5, 7), [1, 1, 2, 2], LINEAR),
     ((1, 4, 6, 5), [1, 1, 3, 8], LINEAR),
     ((1, 4, 6, 5), [1, 1, 1, 2], dict(mode="linear", coordinate_transformation_mode="pytorch_half_pixel")),
+    ((1, 4, 6, 5), [1, 1, 3, 1], LINEAR),
     ((1, 1, 1, 1), [1, 1, 4, 4], LINEAR),
     ((1, 16, 8, 10), [1, 1, 2, 2], NEAREST),
     ((1, 3, 5, 7), [1, 1, 4, 3], NEAREST),
