@@ -323,7 +323,10 @@ def binary_conv_te(X, Wp, scale, bias, Dt, p: BinaryConvParams, thresholds=None)
             return te.sum(v.astype(acc), axis=[rr, rs, rc])
         return te.sum(tirx.popcount(v).astype(acc), axis=[rr, rs, rc])
 
-    P = te.compute((p.n, p.m, oh, p.ow_padded), popc, name="bdp_popcount")
+    # the parameters ride on the block as well as on the PrimFunc: after Relax fuses elementwise
+    # consumers into the kernel (FuseOps/FuseTIR) only block annotations survive
+    P = te.compute((p.n, p.m, oh, p.ow_padded), popc, name="bdp_popcount",
+                   attrs={"bdp.params": p.to_json()})
     total = cg * p.kh * p.kw
     edt = "int64" if acc == "int64" else "int32"
     two = tirx.const(2, edt)

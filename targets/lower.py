@@ -95,7 +95,10 @@ def _binary_conv_converter():
             if c % p.group or p.m % p.group:
                 raise InputError(f"{name}: channels {c} -> {p.m} not divisible by group {p.group}")
             wp, dt = pack_weights(wb, p)
-            fn_attrs = {BDP_KERNEL_ATTR: "binary_conv", "op_pattern": 8, "bdp.params": p.to_json()}
+            # float / ±1 outputs: kOutEWiseFusable (4), so Relax fuses elementwise consumers (ReLU,
+            # PReLU, shortcut adds, gate products) into the kernel's epilogue; packed bits: opaque
+            fn_attrs = {BDP_KERNEL_ATTR: "binary_conv", "op_pattern": 8 if out_mode == "bits" else 4,
+                        "bdp.params": p.to_json()}
             args = [x, relax.const(wp), relax.const(sc), relax.const(bi)]
             if dt is not None:
                 args.append(relax.const(dt))
@@ -176,10 +179,11 @@ def build(mod, spec, progress=None):
     """Schedule bdp kernels for SPEC and build; returns the TVM Executable."""
     import tvm
 
-    from .schedules import relax_pipeline, schedule_module
+    from .schedules import fuses_epilogues, relax_pipeline, schedule_module
 
     target = tvm.target.Target(spec.tvm)
-    mod = schedule_module(mod, spec)
+    if not fuses_epilogues(spec):
+        mod = schedule_module(mod, spec)  # else scheduled inside the pipeline, after fusion
     if progress:
         progress("tvm build")
     with target:

@@ -3,8 +3,14 @@
 Binary kernels
 --------------
 Each ``bdp.BinaryConv`` PrimFunc carries the attribute ``bdp.kernel`` and its parameters
-(``bdp.params``, JSON); :func:`schedule_module` schedules them and marks them
-``tir.is_scheduled`` before the Relax pipeline runs. On CPUs the popcount stage is
+(``bdp.params``, JSON, also on the popcount block so that it survives fusion). On CPUs the
+kernel's Relax op pattern is "output-elementwise fusable": FuseOps fuses the float ops that
+follow it (scale, bias, BatchNorm, PReLU, residual add, sign) and the producers of its input
+into one PrimFunc, which :func:`float_schedule_pass` recognizes (:func:`bdp_kernel_params`) and
+schedules as one kernel: :func:`_absorb_fused` folds the consumers into the output stage and
+the producers into the pack stage. On CUDA (and with ``BDP_FLOAT_SCHEDULE=0``)
+:func:`schedule_module` schedules each kernel alone before the pipeline and marks it
+``tir.is_scheduled`` and opaque. On CPUs the popcount stage is
 register-blocked in one of two orientations, picked per layer by :func:`binary_conv_plan`
 (``VL`` = packed words per vector register: 8 uint64 on AVX-512, 4 on AVX2, 2 on NEON; twice,
 four or eight times that for 32/16/8-bit words):
@@ -43,7 +49,9 @@ tuning-free schedule (:func:`schedule_float_cpu`):
 
 * injective producers are inlined into their consumers, except constant padding in front of a
   reduction (kept as a parallel copy, so the inner loop has no bounds checks), producers read
-  more than once per output (bilinear resize taps) and producers of a concatenation;
+  more than once per output (bilinear resize taps) and producers of a concatenation whose
+  pieces cannot be split into a few equal chunks (:func:`_schedule_concat` unrolls those chunks,
+  so each copy of the loop body reads one piece and the inlined producer runs vectorized);
 * the main reduction block (conv2d, grouped/depthwise conv, conv2d_transpose, matmul, pooling)
   is register-blocked: orientation "x" vectorizes the innermost output axis (one or two
   registers) and unrolls an output axis that the x-dependent operand ignores (conv: output
@@ -257,7 +265,39 @@ def _depthwise_cpu(sch, p, blk, loops):
     sch.vectorize(xi)
     init = sch.decompose_reduction(blk, r)
     sch.vectorize(sch.get_loops(init)[-1])
-    return sch.mod["main"]
+
+
+def _absorb_fused(sch):
+    """Fold what Relax fused around a bdp kernel into its stages: elementwise consumers into the
+    output block (``reverse_compute_inline``: the epilogue computes them in registers), producers
+    into the pack stage. Returns the names of the blocks that would not fold (scheduled apart)."""
+    ep = sch.get_sblock("bdp_binary_conv")
+    while True:
+        cons = sch.get_consumers(ep)
+        if len(cons) != 1:
+            break
+        try:
+            sch.reverse_compute_inline(cons[0])
+        except Exception:
+            break
+    rest = []
+    for b in _root_blocks(sch):
+        name = sch.get(b).name_hint
+        if name.startswith("bdp_"):
+            continue
+        try:
+            sch.compute_inline(b)
+        except Exception:
+            rest.append(name)
+    return rest
+
+
+def _schedule_rest(sch, rest, spec):
+    lanes = _float_lanes(spec)
+    for name in rest:
+        b = sch.get_sblock(name)
+        if all(sch.get(lp).kind == 0 for lp in sch.get_loops(b)):
+            _schedule_injective(sch, b, lanes)
 
 
 def _cpu_binary_schedule(func, p, spec):
@@ -265,13 +305,16 @@ def _cpu_binary_schedule(func, p, spec):
 
     plan = binary_conv_plan(p, spec)
     sch = s_tir.Schedule(func)
+    rest = _absorb_fused(sch)
     _sched_pack_cpu(sch, vector_lanes(spec, 64), p.n * p.c * p.h * p.w >= 4 * PARALLEL_MIN_ELEMENTS)
     hp, wp = p.padded_hw
     _sched_pad_cpu(sch, p.n * p.group * p.cw * hp * wp >= PARALLEL_MIN_ELEMENTS)
     blk = sch.get_sblock("bdp_popcount")
     n, m, y, x, r, s, c = sch.get_loops(blk)
     if p.depthwise:
-        return _depthwise_cpu(sch, p, blk, (n, m, y, x, r, s, c))
+        _depthwise_cpu(sch, p, blk, (n, m, y, x, r, s, c))
+        _schedule_rest(sch, rest, spec)
+        return sch.mod["main"]
     if plan["orient"] == "x":
         mo, mi = sch.split(m, [None, plan["mt"]])
         xo, xi = sch.split(x, [None, plan["xv"]])
@@ -291,6 +334,7 @@ def _cpu_binary_schedule(func, p, spec):
         if int(sch.get(loop).extent) > 1:
             getattr(sch, kind)(loop) if kind == "unroll" else _vectorize_if(sch, loop)
     sch.decompose_reduction(blk, r)
+    _schedule_rest(sch, rest, spec)
     return sch.mod["main"]
 
 
@@ -387,11 +431,34 @@ def _cuda_binary_schedule(func, p, spec):
     return sch.mod["main"]
 
 
-def schedule_binary_conv(func, spec):
-    """The scheduled PrimFunc of one ``bdp_binary_conv`` kernel for SPEC."""
+def bdp_kernel_params(func):
+    """The BinaryConvParams of the bdp kernel inside PrimFunc FUNC (alone, or with the elementwise
+    ops Relax fused into it), or None for a function without one."""
+    from tvm import s_tir
+
     from .kernels import BinaryConvParams
 
-    p = BinaryConvParams.from_json(str(func.attrs["bdp.params"]))
+    if func.attrs is not None and "bdp.params" in func.attrs:
+        return BinaryConvParams.from_json(str(func.attrs["bdp.params"]))
+    sch = s_tir.Schedule(func)
+    try:
+        ann = sch.get(sch.get_sblock("bdp_popcount")).annotations
+    except Exception:
+        return None
+    return BinaryConvParams.from_json(str(ann["bdp.params"])) if "bdp.params" in ann else None
+
+
+def fuses_epilogues(spec) -> bool:
+    """True where bdp kernels are scheduled inside bdp's Relax pipeline, after FuseOps has fused
+    their elementwise consumers into them (CPU targets); elsewhere (CUDA, or
+    BDP_FLOAT_SCHEDULE=0) they are scheduled alone beforehand by :func:`schedule_module`."""
+    return spec.arch != "cuda" and os.environ.get("BDP_FLOAT_SCHEDULE", "1") != "0"
+
+
+def schedule_binary_conv(func, spec, p=None):
+    """The scheduled PrimFunc of one ``bdp_binary_conv`` kernel (with any elementwise ops fused
+    into it) for SPEC."""
+    p = p or bdp_kernel_params(func)
     if spec.arch == "cuda":
         return _cuda_binary_schedule(func, p, spec)
     return _cpu_binary_schedule(func, p, spec)
@@ -408,7 +475,8 @@ def schedule_module(mod, spec):
         if "tir.is_scheduled" in func.attrs and bool(func.attrs["tir.is_scheduled"]):
             continue
         new = schedule_binary_conv(func, spec)
-        new = new.with_attr("tir.is_scheduled", True)
+        # scheduled alone: opaque to FuseOps from here on
+        new = new.with_attr("tir.is_scheduled", True).with_attr("op_pattern", 8)
         out[gv] = new
     return out
 
@@ -481,10 +549,11 @@ def _loads_of(stmt, buf):
     return n[0]
 
 
-def _inline_is_cheap(sch, block):
+def _inline_is_cheap(sch, block, concats=None):
     """Inlining BLOCK recomputes it once per load in each consumer: only allow single loads, and
-    not into a selection between several buffers (concatenation): vectorized, every branch of a
-    select is computed for every lane."""
+    not into a selection between several buffers (concatenation), unless CONCATS (block name ->
+    :func:`_concat_split` plan, taken before any inlining) can make the selection uniform per
+    loop iteration: vectorized, every branch of a select is computed for every lane."""
     stmt = sch.get(block)
     if not stmt.writes:
         return False
@@ -494,8 +563,88 @@ def _inline_is_cheap(sch, block):
         if _loads_of(cs.body, buf) > 1:
             return False
         tensors = {r.source for r in cs.reads if len(r.region) > 0}
-        if len(tensors) > 1 and "R" not in _iter_kinds(cs) and _has_conditional(cs.body, select=False):
+        if (len(tensors) > 1 and "R" not in _iter_kinds(cs) and _has_conditional(cs.body, select=False)
+                and (concats or {}).get(cs.name_hint) is None):
             return False
+    return True
+
+
+CONCAT_MAX_PIECES = 16  # a concatenation's pieces are unrolled: at most this many
+
+
+def _concat_split(stmt):
+    """For a concatenation block STMT (spatial, an if_then_else between the buffers it reads,
+    every read buffer shaped like the output except along one axis): ``(axis, g, n)``, where
+    every piece's size along AXIS is a multiple of G and the output has N = size/G chunks of G,
+    each of which reads one piece only; None for anything else (or more than
+    ``CONCAT_MAX_PIECES`` chunks, or a concatenation along the innermost axis)."""
+    import math
+
+    if "R" in _iter_kinds(stmt) or "O" in _iter_kinds(stmt) or len(stmt.writes) != 1:
+        return None
+    if not _has_conditional(stmt.body, select=False):
+        return None
+    try:
+        out = [int(d) for d in stmt.writes[0].source.shape]
+    except TypeError:
+        return None
+    if len(out) != len(stmt.iter_vars):
+        return None
+    axis, sizes = None, []
+    bufs = {r.source for r in stmt.reads}
+    if len(bufs) < 2:
+        return None
+    for b in bufs:
+        try:
+            shape = [int(d) for d in b.shape]
+        except TypeError:
+            return None
+        if len(shape) != len(out):
+            return None
+        diff = [i for i, (u, v) in enumerate(zip(shape, out)) if u != v]
+        if len(diff) > 1 or (diff and axis is not None and diff[0] != axis):
+            return None
+        if diff:
+            axis = diff[0]
+        sizes.append(shape)
+    if axis is None or axis == len(out) - 1:
+        return None
+    g = 0
+    for shape in sizes:
+        g = math.gcd(g, shape[axis])
+    n = out[axis] // g
+    if g == 0 or out[axis] % g or not 2 <= n <= CONCAT_MAX_PIECES:
+        return None
+    return axis, g, n
+
+
+def _schedule_concat(sch, block, lanes, plan):
+    """Split a concatenation's axis into N chunks of G (each chunk reads one piece), move the
+    chunk loop just above the innermost loop and unroll it: every unrolled copy keeps one branch
+    of the selection (the loop bounds decide it), so the producers inlined into it (a resize's
+    row blend) run vectorized without computing the other pieces. Parallel over the outer loops,
+    vectorized innermost. PLAN: :func:`_concat_split` of the block before its producers were
+    inlined (None: returns False)."""
+    stmt = sch.get(block)
+    loops = sch.get_loops(block)
+    if plan is None or len(loops) != len(stmt.iter_vars):
+        return False
+    axis, g, n = plan
+    o, i = sch.split(loops[axis], [n, g])
+    outer = list(loops[:axis]) + [i] + list(loops[axis + 1:-1])
+    inner = loops[-1]
+    sch.reorder(*outer, o, inner)
+    total = 1
+    for lp in outer:
+        total *= _extent(sch, lp) or 1
+    work = total * n * (_extent(sch, inner) or 1)
+    if work >= PARALLEL_MIN_ELEMENTS:
+        _par_fuse(sch, outer)
+    sch.unroll(o)
+    v = _choose_vec(_extent(sch, inner), lanes)
+    if v is not None:
+        _, ii = sch.split(inner, [None, v])
+        sch.vectorize(ii)
     return True
 
 
@@ -909,6 +1058,7 @@ def schedule_float_cpu(func, spec, const_params=()):
             sch = s_tir.Schedule(func)
             blocks = _root_blocks(sch)
             red = [b for b in blocks if "R" in _iter_kinds(sch.get(b))]
+            concats = {sch.get(b).name_hint: _concat_split(sch.get(b)) for b in blocks}
             # inline injective producers, except padding (kept as a parallel copy)
             for b in blocks:
                 stmt = sch.get(b)
@@ -916,7 +1066,7 @@ def schedule_float_cpu(func, spec, const_params=()):
                     continue
                 if red and _has_conditional(stmt.body) and attempt == "tiled":
                     continue
-                if not _inline_is_cheap(sch, b):
+                if not _inline_is_cheap(sch, b, concats):
                     continue
                 try:
                     sch.compute_inline(b)
@@ -939,7 +1089,8 @@ def schedule_float_cpu(func, spec, const_params=()):
                 loops = sch.get_loops(b)
                 if any(sch.get(lp).kind != 0 for lp in loops):  # already parallel / vectorized
                     continue
-                _schedule_injective(sch, b, lanes)
+                if not _schedule_concat(sch, b, lanes, concats.get(stmt.name_hint)):
+                    _schedule_injective(sch, b, lanes)
             return sch.mod["main"], ctx["relayouts"]
         except Exception:
             if os.environ.get("BDP_SCHEDULE_DEBUG"):
@@ -1046,6 +1197,10 @@ def float_schedule_pass(spec):
             if not isinstance(func, tvm.tirx.PrimFunc):
                 continue
             if func.attrs is not None and "tir.is_scheduled" in func.attrs and bool(func.attrs["tir.is_scheduled"]):
+                continue
+            p = bdp_kernel_params(func)
+            if p is not None:  # a bdp kernel, with its fused epilogue
+                out[gv] = schedule_binary_conv(func, spec, p).with_attr("tir.is_scheduled", True)
                 continue
             calls = sites.get(gv.name_hint, [])
             consts = _constant_args(calls) if calls else set()

@@ -180,7 +180,7 @@ def _check_result(res, runs):
     # a real per-op breakdown: every kernel of the bundle, the packed-bit convs among them
     ops = {r["op"]: r for r in res["per_op"]}
     assert ops, res.get("per_op_note")
-    assert any(name.startswith("bdp_binary_conv") for name in ops), sorted(ops)
+    assert any("bdp_binary_conv" in name for name in ops), sorted(ops)
     assert all(r["calls"] >= 1 and r["total_ms"] > 0 for r in res["per_op"])
     assert abs(sum(r["share"] for r in res["per_op"]) - 1.0) < 1e-6
     assert "isolation" in res["per_op_note"]
@@ -336,10 +336,10 @@ def test_kernel_calls_from_bytecode(x86_bundle, aarch64_bundle):
 
     calls = remote.kernel_calls(str(x86_bundle / "model.so"), read_manifest(str(x86_bundle)))
     names = {c.name for c in calls}
-    assert any(n.startswith("bdp_binary_conv") for n in names), names
+    assert any("bdp_binary_conv" in n for n in names), names
     first = calls[0]
     assert first.args[0][:3] == ("tensor", IN_SHAPE, "float32")
-    packed = [a for c in calls if c.name.startswith("bdp_binary_conv") for a in c.args if a[0] == "tensor"
+    packed = [a for c in calls if "bdp_binary_conv" in c.name for a in c.args if a[0] == "tensor"
               and a[2].startswith("uint")]  # the word width (8..64 bits) follows the group's channels
     assert packed and all(isinstance(a[3], np.ndarray) for a in packed)  # packed weights keep their bits
     arm = remote.kernel_calls(str(aarch64_bundle / "model.so"), read_manifest(str(aarch64_bundle)))

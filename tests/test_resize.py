@@ -4,6 +4,8 @@ leaves to TVM still compile and agree."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -66,3 +68,74 @@ def test_other_resizes_still_agree(shape, kw, attrs):
     want = run_onnxruntime(model, {"x": x})[0]
     got = build_and_run(model, x, "x86")
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("pieces,axis", [
+    ([(1, 6, 4, 5, 4), (1, 6, 8, 10, 2), (1, 6, 16, 20, 1), (1, 6, 16, 20, 1)], 1),  # UperNet fuse: equal pieces
+    ([(1, 4, 8, 10, 2), (1, 8, 16, 20, 1), (1, 12, 4, 5, 4)], 1),  # unequal: chunks of gcd 4
+    ([(1, 3, 4, 5, 4), (1, 5, 16, 20, 1)], 1),  # gcd 1: 8 chunks of one channel
+    ([(2, 3, 4, 10, 2), (2, 3, 8, 20, 1), (2, 3, 16, 20, 1)], 2),  # along H
+    ([(1, 3, 8, 10, 2), (1, 3, 16, 20, 1)], 3),  # along W (innermost: not split)
+    ([(1, 17, 4, 5, 4), (1, 1, 16, 20, 1)], 1),  # 18 chunks of one channel: too many to unroll
+])
+def test_resize_concat_equals_onnxruntime(pieces, axis):
+    """Resizes feeding a Concat: where the pieces split into a few equal chunks, the schedule
+    unrolls the chunks and inlines each resize's row blend into the concatenation."""
+    nodes, inits, outs = [], [], []
+    x_shape = (pieces[0][0], 1, 16, 20)
+    rng = np.random.default_rng(len(pieces) + axis)
+    for i, (n, c, h, w, f) in enumerate(pieces):
+        # piece i: a 1x1 conv of x to c channels, average-pooled to h x w, resized by f
+        wt = rng.standard_normal((c, 1, 1, 1)).astype(np.float32)
+        inits.append(numpy_helper.from_array(wt, f"w{i}"))
+        nodes.append(helper.make_node("Conv", ["x", f"w{i}"], [f"c{i}"]))
+        k = 16 // h
+        nodes.append(helper.make_node("AveragePool", [f"c{i}"], [f"p{i}"], kernel_shape=[k, 20 // w],
+                                      strides=[k, 20 // w]))
+        if f > 1:
+            inits.append(numpy_helper.from_array(np.array([1, 1, f, f], np.float32), f"s{i}"))
+            nodes.append(helper.make_node("Resize", [f"p{i}", "", f"s{i}"], [f"r{i}"], **LINEAR))
+            outs.append(f"r{i}")
+        else:
+            outs.append(f"p{i}")
+    nodes.append(helper.make_node("Concat", outs, ["y0"], axis=axis))
+    nodes.append(helper.make_node("Relu", ["y0"], ["y"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    want = run_onnxruntime(model, {"x": x})[0]
+    got = build_and_run(model, x, "x86")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_concat_split_plan():
+    """The chunking a concatenation gets: equal pieces, gcd chunks, and the refusals."""
+    from tvm import s_tir, te, topi
+
+    from bdp.targets.schedules import _concat_split, schedule_float_cpu
+    from bdp.targets.spec import get_target
+
+    def func(shapes, axis):
+        ts = [te.placeholder(s, name=f"t{i}") for i, s in enumerate(shapes)]
+        # a producer per piece (what the schedule inlines), then the concatenation
+        ps = [topi.multiply(t, 2.0) for t in ts]
+        out = topi.concatenate(ps, axis)
+        return te.create_prim_func(ts + [out]), out.op.name
+
+    def plan(shapes, axis):
+        f, name = func(shapes, axis)
+        sch = s_tir.Schedule(f)
+        return _concat_split(sch.get(sch.get_sblock(name)))
+
+    assert plan([(1, 32, 8, 8)] * 4, 1) == (1, 32, 4)
+    assert plan([(1, 4, 8, 8), (1, 8, 8, 8), (1, 12, 8, 8)], 1) == (1, 4, 6)
+    assert plan([(2, 3, 4, 5), (2, 3, 6, 5)], 2) == (2, 2, 5)
+    assert plan([(1, 3, 8, 8), (1, 3, 8, 9)], 3) is None  # innermost axis
+    assert plan([(1, 17, 8, 8), (1, 1, 8, 8)], 1) is None  # 18 chunks
+    # scheduled: the producers are inlined into the concatenation, whose chunk loop is unrolled
+    f, _ = func([(1, 32, 64, 80)] * 4, 1)
+    new, _ = schedule_float_cpu(f, get_target("x86"))
+    text = new.script()
+    assert re.search(r"T\.unroll\((T\.int64\()?4\)", text) and "T.vectorized" in text and "T.parallel" in text
+    assert "T_multiply" not in text  # the multiplies are inlined

@@ -191,7 +191,7 @@ def test_profile_local_json(tmp_path):
     lat = res["latency"]
     assert lat["runs"] == 10 and 0 < lat["median_ms"] <= lat["p90_ms"] <= lat["p99_ms"]
     assert res["fp32_onnxruntime"]["median_ms"] > 0
-    assert any(r["op"].startswith("bdp_binary_conv") for r in res["per_op"])
+    assert any("bdp_binary_conv" in r["op"] for r in res["per_op"])
     assert (tmp_path / "prof.png").stat().st_size > 1000
     assert "p99" in p.stdout and "FP32 ORT" in p.stdout
 

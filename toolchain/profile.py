@@ -40,12 +40,25 @@ def time_callable(fn, runs, warmup):
     return out
 
 
+def _out_shape(args):
+    for a in reversed(args):
+        shape = getattr(a, "shape", None)
+        if shape is not None:
+            try:
+                return [int(d) for d in shape]
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
 def per_op_breakdown(bundle, x_dev, runs=3) -> list:
-    """[{op, calls, total_ms, share}] from VM instrumentation (kernel calls by symbol)."""
+    """[{op, calls, total_ms, share, shape}] from VM instrumentation (kernel calls by symbol;
+    SHAPE is the kernel's output, its last tensor argument)."""
     import tvm
 
     acc = {}
     state = {}
+    shapes = {}
 
     def instrument(func, func_symbol, before_run, ret_value, *args):
         if before_run:
@@ -56,6 +69,8 @@ def per_op_breakdown(bundle, x_dev, runs=3) -> list:
                 d = acc.setdefault(func_symbol, [0, 0.0])
                 d[0] += 1
                 d[1] += (time.perf_counter() - t0) * 1e3
+                if func_symbol not in shapes:
+                    shapes[func_symbol] = _out_shape(args)
         return 0
 
     vm = bundle._vm
@@ -66,7 +81,8 @@ def per_op_breakdown(bundle, x_dev, runs=3) -> list:
     finally:
         vm.set_instrument(None)
     total = sum(v[1] for v in acc.values()) or 1.0
-    rows = [{"op": k, "calls": v[0] // runs, "total_ms": v[1] / runs, "share": v[1] / total}
+    rows = [{"op": k, "calls": v[0] // runs, "total_ms": v[1] / runs, "share": v[1] / total,
+             "shape": shapes.get(k)}
             for k, v in acc.items() if not k.startswith("vm.builtin.")]
     rows.sort(key=lambda r: -r["total_ms"])
     return rows
@@ -144,9 +160,11 @@ def format_text(res) -> str:
     if res.get("per_op_note"):
         lines.append(f"  per op: {res['per_op_note']}")
     if res.get("per_op"):
-        lines.append("  per op (ms/run, share):")
+        lines.append("  per op (ms/run, share, calls, output shape, kernel):")
         for r in res["per_op"][:15]:
-            lines.append(f"    {r['total_ms']:9.3f}  {100 * r['share']:5.1f}%  x{r['calls']:<3d} {r['op']}")
+            shape = "x".join(str(d) for d in r["shape"]) if r.get("shape") else "?"
+            op = r["op"] if len(r["op"]) <= 80 else r["op"][:77] + "..."
+            lines.append(f"    {r['total_ms']:9.3f}  {100 * r['share']:5.1f}%  x{r['calls']:<3d} {shape:<16} {op}")
     return "\n".join(lines)
 
 
