@@ -17,6 +17,17 @@ Two shapes are folded:
   the binarizer node goes away and A writes ±1 (a binarized attention gate, for example). Plain
   ``Sign`` is not folded here: ONNX ``Sign`` gives 0 at exactly 0, the folded form gives +1.
 
+Between ``Y`` and the binarizer there may be a chain of per-channel elementwise ops with
+constant parameters (``Relu``, ``PRelu``, ``LeakyRelu``, ``Clip``, ``Add``/``Sub``/``Mul``/``Div`` by a
+per-channel constant: a plain BNN's ``ReLU``, ReactNet's RPReLU shifts and the next RSign's
+threshold), each intermediate used only by the next op. With ``out_sign=1`` the producer's
+output is only a per-channel predicate on the integer ``D``, so the chain folds too: the pass
+evaluates ``chain(scale*D + bias) >= t`` in float32 (the ops' own arithmetic) at every ``D`` in
+``[-K, K]``, and when that is a one-sided threshold (``flip*D >= T``: the chain is monotone
+over the values ``Y`` can take) it rewrites the producer to ``scale = flip``,
+``bias = 0.5 - T``, ``out_threshold = 0``, which is exactly that predicate. A chain that is not
+monotone there (a negative PReLU slope, say) stays float.
+
 A ``Y`` that also feeds float consumers (a Bi-Real shortcut, a bypass, an attention product) stays
 float: those consumers need the real value. The report says which link is packed and why each
 other one is not.
@@ -24,10 +35,17 @@ other one is not.
 
 from __future__ import annotations
 
+import numpy as np
+import onnx_graphsurgeon as gs
+
 from .binary_conv import match_binarizer
-from .canonicalize import from_gs, to_gs
+from .canonicalize import const_value, from_gs, to_gs
 from .core import register_pass
+from .forms import _per_channel
 from .ops import BINARY_CONV, DOMAIN
+
+# per-channel elementwise ops a chain between a binary conv and the next binarizer may hold
+_CHAIN_OPS = ("Relu", "PRelu", "LeakyRelu", "Clip", "Add", "Sub", "Mul", "Div")
 
 
 def _is_bc(n):
@@ -68,6 +86,90 @@ def packed_links(model) -> dict:
     return plan
 
 
+def _chain_step(node, x, m):
+    """float32 function [M, n] -> [M, n] for one per-channel elementwise NODE whose data input is
+    tensor X (M channels), or None when NODE is not such an op with constant parameters."""
+    op = node.op
+    if op == "Relu" and len(node.inputs) == 1:
+        return lambda y: np.maximum(y, np.float32(0))
+    if op == "LeakyRelu" and len(node.inputs) == 1:
+        a = np.float32(node.attrs.get("alpha", 0.01))
+        return lambda y: np.where(y < 0, (y * a).astype(np.float32), y)
+    if op == "PRelu" and len(node.inputs) == 2 and node.inputs[0] is x:
+        a = _per_channel(const_value(node.inputs[1]), m)
+        return None if a is None else (lambda y: np.where(y < 0, (y * a[:, None]).astype(np.float32), y))
+    if op == "Clip" and node.inputs and node.inputs[0] is x:
+        lo = hi = None
+        if len(node.inputs) > 1 and node.inputs[1].name:
+            lo = const_value(node.inputs[1])
+            if lo is None or np.asarray(lo).size != 1:
+                return None
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            hi = const_value(node.inputs[2])
+            if hi is None or np.asarray(hi).size != 1:
+                return None
+        lo = np.float32(-np.inf if lo is None else np.asarray(lo).reshape(-1)[0])
+        hi = np.float32(np.inf if hi is None else np.asarray(hi).reshape(-1)[0])
+        return lambda y: np.minimum(np.maximum(y, lo), hi)
+    if op in ("Add", "Sub", "Mul", "Div") and len(node.inputs) == 2 and x in node.inputs:
+        first = node.inputs[0] is x
+        c = _per_channel(const_value(node.inputs[1] if first else node.inputs[0]), m)
+        if c is None:
+            return None
+        c = c[:, None]
+        f = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}[op]
+        return (lambda y: f(y, c).astype(np.float32)) if first else (lambda y: f(c, y).astype(np.float32))
+    return None
+
+
+def _activation_chain(y, outs, m):
+    """The chain of per-channel elementwise ops that starts at tensor Y: (nodes, end tensor,
+    functions). Each intermediate tensor feeds only the next op and is not a graph output."""
+    nodes, fns, t = [], [], y
+    while t.name not in outs and len(t.outputs) == 1 and t.outputs[0].op in _CHAIN_OPS:
+        n = t.outputs[0]
+        f = _chain_step(n, t, m)
+        if f is None or len(n.outputs) != 1:
+            break
+        nodes.append(n)
+        fns.append(f)
+        t = n.outputs[0]
+    return nodes, t, fns
+
+
+def _chain_threshold(a, fns, t):
+    """(scale, bias) that make producer A's ``scale*D + bias >= 0`` the predicate
+    ``chain(scale*D + bias) >= t`` at every integer D a kernel can produce, or None when that
+    predicate is not one-sided in D. The float32 arithmetic of the chain is evaluated as is."""
+    scale = const_value(a.inputs[2])
+    bias = const_value(a.inputs[3])
+    wbits = const_value(a.inputs[1])
+    if scale is None or bias is None or wbits is None:
+        return None
+    scale = np.asarray(scale, np.float32).reshape(-1)
+    bias = np.asarray(bias, np.float32).reshape(-1)
+    k = 8 * int(np.asarray(wbits).shape[1])  # >= C/group*kH*kW: a superset of the reachable D
+    d = np.arange(-k, k + 1, dtype=np.int64)
+    with np.errstate(all="ignore"):
+        y = (scale[:, None] * d.astype(np.float32)[None, :]).astype(np.float32) + bias[:, None]
+        for f in fns:
+            y = f(y.astype(np.float32))
+        plus = np.asarray(y, np.float32) >= np.float32(t)
+    flip = np.ones(scale.size, np.float32)
+    thr = np.empty(scale.size, np.float32)
+    for i in range(scale.size):
+        p = plus[i]
+        if np.all(p[1:] >= p[:-1]):  # +1 from some D on
+            flip[i], hit = 1.0, d[p]
+            thr[i] = hit.min() if hit.size else k + 1
+        elif np.all(p[1:] <= p[:-1]):  # +1 up to some D: -D >= T
+            flip[i], hit = -1.0, -d[p]
+            thr[i] = hit.min() if hit.size else k + 1
+        else:
+            return None
+    return flip, (np.float32(0.5) - thr).astype(np.float32)
+
+
 @register_pass("fold-sign-output", "fold the next binarizer into a bdp.BinaryConv (integer thresholds; "
                                    "packed-bit output into the next binary conv)")
 def fold_sign_output(model, report):
@@ -81,6 +183,28 @@ def fold_sign_output(model, report):
         if y.name in outs or not y.outputs:
             continue
         cons = list(y.outputs)
+        sc = const_value(a.inputs[2])
+        chain, z, fns = _activation_chain(y, outs, np.asarray(sc).size) if sc is not None else ([], y, [])
+        if chain and z.name not in outs and z.outputs and all(_is_bc(c) and c.inputs[0] is z for c in z.outputs):
+            thr = {float(c.attrs.get("act_threshold", 0.0)) for c in z.outputs}
+            folded = _chain_threshold(a, fns, thr.pop()) if len(thr) == 1 else None
+            if folded is not None:
+                zc = list(z.outputs)
+                a.inputs[2] = gs.Constant(a.name + "_sign_flip", folded[0])
+                a.inputs[3] = gs.Constant(a.name + "_sign_bias", folded[1])
+                a.attrs["out_sign"], a.attrs["out_threshold"] = 1, 0.0
+                a.outputs = [z]
+                for n in chain:
+                    n.inputs, n.outputs = [], []
+                for c in zc:
+                    c.attrs["act_threshold"] = 0.0
+                report.fuse("fold-sign-output", a.name,
+                            f"{' -> '.join(n.op for n in chain)} and the next binarizer folded into integer "
+                            f"thresholds; writes packed bits into {', '.join(c.name for c in zc)}")
+                changed = True
+                continue
+            report.notes.append(f"{a.name}: {' -> '.join(n.op for n in chain)} before the next binarizer is "
+                                f"not a one-sided threshold on the conv's integer sum; kept float")
         if all(_is_bc(c) and c.inputs[0] is y for c in cons):
             thr = {float(c.attrs.get("act_threshold", 0.0)) for c in cons}
             if len(thr) != 1:

@@ -219,3 +219,78 @@ def test_cuda_and_arm_build_packed_chain():
     ex = build(import_onnx(folded, {"x": [1, c0, *hw]}), get_target("rpi4"))
     asm = "\n".join(md.inspect_source("asm") for md in _modules(ex.mod) if md.kind == "llvm")
     assert re.search(r"\tcnt\tv\d+\.(16b|8b)", asm), "no NEON cnt"
+
+
+def _act_chain_model(chain, c0=11, m=37, hw=(9, 10), thr=0.0, seed=0, extra_output=None):
+    """bc0 -> CHAIN (list of (op, const or None, attrs)) -> bc1 (act_threshold THR)."""
+    rng = np.random.default_rng(seed)
+    n0, inits = _layer("bc0", "x", "y0", m, c0, rng)
+    n1, ini1 = _layer("bc1", f"a{len(chain)}", "out", 19, m, rng, s=2, pv=1.0, thr=thr)
+    nodes, t = [n0], "y0"
+    for i, (op, const, attrs) in enumerate(chain):
+        ins = [t]
+        if const is not None:
+            cname = f"c{i}"
+            inits.append(numpy_helper.from_array(np.asarray(const, np.float32), cname))
+            ins = [cname, t] if attrs.pop("const_first", False) else [t, cname]
+        if op == "Clip":
+            ins = [t, "clip_lo", "clip_hi"]
+            inits += [numpy_helper.from_array(np.array(-0.3, np.float32), "clip_lo"),
+                      numpy_helper.from_array(np.array(0.7, np.float32), "clip_hi")]
+        nodes.append(helper.make_node(op, ins, [f"a{i + 1}"], name=f"act{i}", **attrs))
+        t = f"a{i + 1}"
+    nodes.append(n1)
+    inits += ini1
+    outs = ["out"] + ([extra_output] if extra_output else [])
+    graph = helper.make_graph(
+        nodes, "actchain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c0, *hw])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs], inits)
+    return attach_functions(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10))
+
+
+def _chans(rng, m, lo, hi):
+    return rng.uniform(lo, hi, (1, m, 1, 1)).astype(np.float32)
+
+
+_r = np.random.default_rng(11)
+ACT_CHAINS = [
+    ("relu", [("Relu", None, {})], 0.0),  # a plain BNN's ReLU: sign(relu(y)) is always +1
+    ("relu-thr", [("Relu", None, {})], 0.2),
+    ("rprelu+rsign", [("Add", _chans(_r, 37, -0.3, 0.3), {}), ("PRelu", _chans(_r, 37, 0.05, 0.5)[0], {}),
+                      ("Add", _chans(_r, 37, -0.3, 0.3), {}), ("Sub", _chans(_r, 37, -0.2, 0.2), {})], 0.0),
+    ("leaky-negmul", [("LeakyRelu", None, {"alpha": 0.1}), ("Mul", _chans(_r, 37, -1.0, 1.0), {})], -0.1),
+    ("clip-div-csub", [("Clip", None, {}), ("Div", _chans(_r, 37, 0.5, 2.0), {}),
+                       ("Sub", np.float32(0.1), {"const_first": True})], 0.0),
+]
+
+
+@pytest.mark.parametrize("name", [c[0] for c in ACT_CHAINS])
+def test_activation_chain_folds_into_packed_link(name):
+    """BinaryConv -> per-channel activations -> BinaryConv: the chain and the binarizer become
+    integer thresholds of the producer (packed bits), equal to onnxruntime on the graph as it was
+    and to the compiled kernel."""
+    _, chain, thr = next(c for c in ACT_CHAINS if c[0] == name)
+    model = _act_chain_model([(op, c, dict(a)) for op, c, a in chain], thr=thr)
+    x = np.random.default_rng(5).standard_normal((1, 11, 9, 10)).astype(np.float32)
+    want = run_onnxruntime(model, {"x": x})[0]
+    folded, rep = _fold(model)
+    assert [n.op_type for n in folded.graph.node] == ["BinaryConv", "BinaryConv"], rep.notes
+    assert link_stats(folded) == {"packed": 1, "float": 0}
+    np.testing.assert_allclose(run_onnxruntime(folded, {"x": x})[0], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(build_and_run(folded, x, "x86"), want, rtol=1e-5, atol=1e-5)
+
+
+def test_activation_chain_that_is_not_a_threshold_stays_float():
+    """A negative PReLU slope makes prelu(y) >= 0.3 two-sided in y; an intermediate that is a graph
+    output is needed as a float. Neither folds, and the graph still computes the same."""
+    slopes = -np.linspace(0.1, 1.0, 37).astype(np.float32).reshape(37, 1, 1)
+    model = _act_chain_model([("PRelu", slopes, {})], thr=0.3)
+    folded, rep = _fold(model)
+    assert [n.op_type for n in folded.graph.node] == ["BinaryConv", "PRelu", "BinaryConv"]
+    assert any("not a one-sided threshold" in s for s in rep.notes)
+    x = np.random.default_rng(6).standard_normal((1, 11, 9, 10)).astype(np.float32)
+    np.testing.assert_allclose(run_onnxruntime(folded, {"x": x})[0], run_onnxruntime(model, {"x": x})[0])
+    model2 = _act_chain_model([("Relu", None, {}), ("Add", np.float32(0.25), {})], extra_output="a1")
+    folded2, _ = _fold(model2)
+    assert link_stats(folded2) == {"packed": 0, "float": 0}
+    assert [n.op_type for n in folded2.graph.node] == ["BinaryConv", "Relu", "Add", "BinaryConv"]
