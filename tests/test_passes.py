@@ -317,3 +317,75 @@ def test_report_counts(tmp_path):
     rep.leave("a", "Conv", "why")
     rep.fuse("p", "a", "x")
     assert rep.to_dict()["left_float"] == [] and rep.to_dict()["fused"][0]["node"] == "a"
+
+
+# --- verify: node by node ------------------------------------------------------------------------
+
+
+def _tie_chain(seed=0, layers=4, c=16, hw=(12, 14)):
+    """Sign -> Conv(±alpha weights, no bias) repeated: every integer sum of 0 lands exactly on the
+    next Sign's threshold in exact arithmetic, and on either side of it in float."""
+    g = G(seed)
+    y = "x"
+    for i in range(layers):
+        alpha = np.float32(g.rng.uniform(0.01, 0.1))
+        w = np.where(g.rng.standard_normal((c, c, 3, 3)) >= 0, alpha, -alpha).astype(np.float32)
+        s = g.op("Where", [g.op("GreaterOrEqual", [y, g.const(np.float32(0.0))]), g.const(np.float32(1.0)),
+                           g.const(np.float32(-1.0))])
+        y = g.op("Conv", [s, g.const(w)], pads=[1, 1, 1, 1])
+    return g.model([1, c, *hw], y)
+
+
+def test_verify_passes_exact_rewrites_of_a_tie_heavy_net():
+    """The rewrites are exact, but the float graph rounds its integer sums: compared end to end the
+    outputs differ; node by node every rewrite checks out (ties allowed as ties)."""
+    model = _tie_chain()
+    x = np.random.default_rng(0).standard_normal((1, 16, 12, 14)).astype(np.float32)
+    final, rep = run_pipeline(model, "default", verify=True)
+    assert [n.op_type for n in final.graph.node].count("BinaryConv") == 4
+    assert all(d <= 1e-4 for _, d in rep.verified), rep.verified
+    # the output is decided by ties: the rewritten graph is exact (the numpy reference agrees)
+    from bdp.passes.ops import binary_conv_attrs, binary_conv_reference
+
+    inits = {i.name: numpy_helper.to_array(i) for i in final.graph.initializer}
+    h = x
+    for n in final.graph.node:
+        h = binary_conv_reference(h, inits[n.input[1]], inits[n.input[2]], inits[n.input[3]], **binary_conv_attrs(n))
+    np.testing.assert_allclose(run_onnxruntime(final, {"x": x}, optimize=False)[0], h, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["weight-bit", "pad-value", "scale"])
+def test_verify_catches_a_wrong_rewrite(damage):
+    """A pass that gets one weight bit, the border or one channel's scale wrong is caught, with
+    the pass named."""
+    from bdp.passes.core import PASSES as P, Pass
+
+    def broken(model, report):
+        model = PASSES["fuse-binary-conv"].fn(model, report)
+        convs = [n for n in model.graph.node if n.op_type == "BinaryConv"]
+        # the scale only shows where the output is used as a float: the last layer's
+        n = convs[-1] if damage == "scale" else convs[0]
+        inits = {i.name: i for i in model.graph.initializer}
+        if damage == "weight-bit":
+            t = inits[n.input[1]]
+            v = numpy_helper.to_array(t).copy()
+            v[0, 0] ^= 0x80
+            t.CopyFrom(numpy_helper.from_array(v, t.name))
+        elif damage == "pad-value":
+            for a in n.attribute:
+                if a.name == "pad_value":
+                    a.f = 1.0
+        else:
+            t = inits[n.input[2]]
+            v = numpy_helper.to_array(t).copy()
+            v[3] *= 1.01
+            t.CopyFrom(numpy_helper.from_array(v, t.name))
+        return model
+
+    P["broken-fuse"] = Pass("broken-fuse", broken, "test only")
+    try:
+        model = _tie_chain(seed=1, layers=2)
+        with pytest.raises(RuntimeError, match="pass 'broken-fuse' changed what the graph computes"):
+            run_pipeline(model, ["name-nodes", "fold-constants", "broken-fuse"], verify=True)
+    finally:
+        P.pop("broken-fuse")

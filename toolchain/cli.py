@@ -221,6 +221,11 @@ def compile_cmd(model, target, out, input_shape, pipeline, dump_after, verify, n
         click.echo(f"  float: {item['node']} ({item['op']}): {item['reason']}")
     if man["target"].get("note"):
         click.echo(f"  note: {man['target']['note']}")
+    if man.get("verify"):
+        v = man["verify"]
+        worst = max((p["max_relative_diff"] for p in rep.get("verified", [])), default=0.0)
+        click.echo(f"  verified: {len(rep.get('verified', []))} passes node by node (worst {worst:.2g}); "
+                   f"bundle vs onnxruntime {v['max_relative_diff']:.2g}: {v['result']}")
 
 
 @main.command("passes")
