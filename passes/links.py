@@ -170,6 +170,15 @@ def _chain_threshold(a, fns, t):
     return flip, (np.float32(0.5) - thr).astype(np.float32)
 
 
+def _sign_output(a, t, readers, report, what):
+    """A writes ±1 at threshold T; its READERS (binary convs) read them at 0 (packed bits)."""
+    a.attrs["out_sign"], a.attrs["out_threshold"] = 1, float(t)
+    for c in readers:
+        c.attrs["act_threshold"] = 0.0
+    report.fuse("fold-sign-output", a.name, f"{what} folded into integer thresholds; writes packed bits "
+                                            f"into {', '.join(c.name for c in readers)}")
+
+
 @register_pass("fold-sign-output", "fold the next binarizer into a bdp.BinaryConv (integer thresholds; "
                                    "packed-bit output into the next binary conv)")
 def fold_sign_output(model, report):
@@ -192,15 +201,10 @@ def fold_sign_output(model, report):
                 zc = list(z.outputs)
                 a.inputs[2] = gs.Constant(a.name + "_sign_flip", folded[0])
                 a.inputs[3] = gs.Constant(a.name + "_sign_bias", folded[1])
-                a.attrs["out_sign"], a.attrs["out_threshold"] = 1, 0.0
                 a.outputs = [z]
                 for n in chain:
                     n.inputs, n.outputs = [], []
-                for c in zc:
-                    c.attrs["act_threshold"] = 0.0
-                report.fuse("fold-sign-output", a.name,
-                            f"{' -> '.join(n.op for n in chain)} and the next binarizer folded into integer "
-                            f"thresholds; writes packed bits into {', '.join(c.name for c in zc)}")
+                _sign_output(a, 0.0, zc, report, f"{' -> '.join(n.op for n in chain)} and the next binarizer")
                 changed = True
                 continue
             report.notes.append(f"{a.name}: {' -> '.join(n.op for n in chain)} before the next binarizer is "
@@ -212,12 +216,7 @@ def fold_sign_output(model, report):
                                     f"{sorted(thr)}; kept float")
                 continue
             t = thr.pop()
-            a.attrs["out_sign"], a.attrs["out_threshold"] = 1, t
-            for c in cons:
-                c.attrs["act_threshold"] = 0.0
-            report.fuse("fold-sign-output", a.name,
-                        f"next binarizer (x >= {t:g}) folded into integer thresholds; writes packed bits "
-                        f"into {', '.join(c.name for c in cons)}")
+            _sign_output(a, t, cons, report, f"next binarizer (x >= {t:g})")
             changed = True
             continue
         if len(cons) == 1 and cons[0].op in ("GreaterOrEqual", "Less") and len(cons[0].outputs[0].outputs) == 1:

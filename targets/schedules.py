@@ -222,17 +222,45 @@ def _sched_bits_cpu(sch, p):
     sch.unroll(j)
 
 
-def _register_accumulators(sch, blk, at, p, epilogue):
+def _bits_in_tile(sch, loc, at, p, tile_m):
+    """Packed-bit output straight from the registers: when a tile holds whole bytes of channels
+    (TILE_M a multiple of 8), the byte stage moves under tile loop AT and reads the accumulators
+    (the write-back LOC is inlined into it), so no int32 tensor reaches memory; 8 channels' bits
+    OR-ed per byte, vectorized over the tile's columns. Returns the step that decomposes the
+    byte reduction, to run last."""
+    bb = sch.get_sblock("bdp_binary_conv")
+    sch.reverse_compute_at(bb, at)
+    sch.compute_inline(loc)
+    loops = _loops_below(sch, bb, at)  # [bytes, columns, jb], the unit ones dropped
+    nb = 1 if tile_m > 8 else 0
+    if len(loops) not in (nb + 1, nb + 2) or _extent(sch, loops[-1]) != 8:
+        raise RuntimeError(f"bdp: unexpected byte-stage loops {[_extent(sch, lp) for lp in loops]}")
+    jb = loops[-1]
+    if len(loops) == nb + 2:
+        x = loops[-2]
+        sch.reorder(jb, x)
+        _vectorize_if(sch, x)
+    sch.unroll(jb)
+    return lambda: sch.decompose_reduction(bb, jb)  # after the tile loops are parallel
+
+
+def _register_accumulators(sch, blk, at, p, epilogue, tile_m=0):
     """Keep BLK's accumulators in registers: a local cache of the tile written back (vectorized)
-    below loop AT; then the output stage, packed bits or EPILOGUE() for float / ±1 output."""
+    below loop AT; then the output stage, packed bits or EPILOGUE() for float / ±1 output. Packed
+    bits come from the registers (:func:`_bits_in_tile`) when the tile's TILE_M channels are whole
+    bytes, else from an int32 tensor in a stage of their own. Returns a step to run after the
+    tile loops are parallel, or None."""
     loc = sch.cache_write(blk, 0, "local")
     sch.reverse_compute_at(loc, at)
     if p.out_mode == "bits":
+        if tile_m and tile_m % 8 == 0 and p.m % tile_m == 0 and os.environ.get("BDP_BITS_IN_TILE", "1") != "0":
+            return _bits_in_tile(sch, loc, at, p, tile_m)
         _sched_bits_cpu(sch, p)
     else:
         epilogue()
     below = _loops_below(sch, loc, at)
     _vectorize_if(sch, below[-1] if below else None)
+    return None
 
 
 def _depthwise_cpu(sch, p, blk, loops):
@@ -325,8 +353,9 @@ def _cpu_binary_schedule(func, p, spec):
         xo, xi = sch.split(x, [None, plan["wt"]])
         sch.reorder(n, y, xo, mo, r, s, c, xi, mb, mi)
         inner = [("unroll", xi), ("unroll", mb), ("vectorize", mi)]
-    _register_accumulators(sch, blk, mo, p,
-                           lambda: sch.reverse_compute_inline(sch.get_sblock("bdp_binary_conv")))
+    finish = _register_accumulators(sch, blk, mo, p,
+                                    lambda: sch.reverse_compute_inline(sch.get_sblock("bdp_binary_conv")),
+                                    plan["mt"] if plan["orient"] == "x" else plan["kt"])
     tiles = sch.fuse(n, y, xo)
     if p.binary_macs >= PARALLEL_MIN_BINARY_MACS:
         sch.parallel(tiles)
@@ -334,6 +363,8 @@ def _cpu_binary_schedule(func, p, spec):
         if int(sch.get(loop).extent) > 1:
             getattr(sch, kind)(loop) if kind == "unroll" else _vectorize_if(sch, loop)
     sch.decompose_reduction(blk, r)
+    if finish is not None:
+        finish()
     _schedule_rest(sch, rest, spec)
     return sch.mod["main"]
 
