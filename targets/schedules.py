@@ -150,7 +150,7 @@ def binary_conv_plan(p, spec) -> dict:
     xv = next(v for v in (vl, vl // 2, vl // 4, vl // 8, 8, 4, 2, 1) if v <= vl and ow % v == 0)
     if force in ("x", "k"):
         orient = force if (force == "x" or k_ok) else "x"
-    elif k_ok and (xv < vl or ow < 4 * xv):
+    elif k_ok and (2 * xv < vl or ow < 4 * xv):
         orient = "k"
     else:
         orient = "x"
@@ -195,6 +195,7 @@ def _sched_pack_cpu(sch, vl, parallel):
     if parallel:
         sch.parallel(rows)
     sch.decompose_reduction(pk, kb)
+    sch.unroll(kb)  # the word's bits: shifts and channel offsets become constants
 
 
 def _sched_pad_cpu(sch, parallel):
@@ -244,13 +245,15 @@ def _bits_in_tile(sch, loc, at, p, tile_m):
     return lambda: sch.decompose_reduction(bb, jb)  # after the tile loops are parallel
 
 
-def _register_accumulators(sch, blk, at, p, epilogue, tile_m=0):
+def _register_accumulators(sch, blk, at, p, epilogue, tile_m=0, lanes_last=False):
     """Keep BLK's accumulators in registers: a local cache of the tile written back (vectorized)
     below loop AT; then the output stage, packed bits or EPILOGUE() for float / ±1 output. Packed
     bits come from the registers (:func:`_bits_in_tile`) when the tile's TILE_M channels are whole
     bytes, else from an int32 tensor in a stage of their own. Returns a step to run after the
     tile loops are parallel, or None."""
     loc = sch.cache_write(blk, 0, "local")
+    if os.environ.get("BDP_KLAYOUT", "1") == "1" and lanes_last:
+        sch.transform_layout(blk, ("write", 0), lambda n, m, y, x: (n, y, x, m))
     sch.reverse_compute_at(loc, at)
     if p.out_mode == "bits":
         if tile_m and tile_m % 8 == 0 and p.m % tile_m == 0 and os.environ.get("BDP_BITS_IN_TILE", "1") != "0":
@@ -355,7 +358,8 @@ def _cpu_binary_schedule(func, p, spec):
         inner = [("unroll", xi), ("unroll", mb), ("vectorize", mi)]
     finish = _register_accumulators(sch, blk, mo, p,
                                     lambda: sch.reverse_compute_inline(sch.get_sblock("bdp_binary_conv")),
-                                    plan["mt"] if plan["orient"] == "x" else plan["kt"])
+                                    plan["mt"] if plan["orient"] == "x" else plan["kt"],
+                                    lanes_last=plan["orient"] == "k")
     tiles = sch.fuse(n, y, xo)
     if p.binary_macs >= PARALLEL_MIN_BINARY_MACS:
         sch.parallel(tiles)

@@ -194,6 +194,38 @@ def test_profile_local_json(tmp_path):
     assert any("bdp_binary_conv" in r["op"] for r in res["per_op"])
     assert (tmp_path / "prof.png").stat().st_size > 1000
     assert "p99" in p.stdout and "FP32 ORT" in p.stdout
+    assert "timed on its own" in res["per_op_note"] and "per op:" in p.stdout
+
+
+def test_profile_per_op_counts_every_kernel_call(tmp_path):
+    """The per-op rows cover exactly the kernel calls of one run (counted here with the VM's
+    own instrumentation hook), each timed on its own on the arguments of that run."""
+    import tvm
+
+    from bdp.toolchain.bundle import load_bundle
+    from bdp.toolchain.profile import per_op_breakdown
+
+    torch.manual_seed(0)
+    path = export_plain(PlainBNN(16, 13, 3, 2, 1, 1), (1, 3, 20, 24), tmp_path / "p.onnx")
+    bdp.compile(str(path), out=str(tmp_path / "b"))
+    b = load_bundle(tmp_path / "b")
+    x = b.to_device(np.random.default_rng(0).standard_normal((1, 3, 20, 24)).astype(np.float32))
+    seen = {}
+
+    def count(func, sym, before, ret, *args):
+        if before and not sym.startswith("vm.builtin."):
+            seen[sym] = seen.get(sym, 0) + 1
+        return 0
+
+    b._vm.set_instrument(count)
+    b.run_raw(x)
+    b._vm.set_instrument(None)
+    rows, note = per_op_breakdown(b, x, repeat=3)
+    assert {r["op"]: r["calls"] for r in rows} == seen
+    assert sum(1 for s in seen if "bdp_binary_conv" in s) == 1 and len(seen) >= 2  # + the float conv
+    assert all(r["total_ms"] > 0 and len(r["shape"]) == 4 for r in rows)
+    assert abs(sum(r["share"] for r in rows) - 1) < 1e-9
+    assert f"{sum(r['total_ms'] for r in rows):.3f} ms" in note and "not timed" not in note
 
 
 def test_help_imports_neither_torch_nor_tvm():

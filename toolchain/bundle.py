@@ -158,8 +158,9 @@ def host_can_run(manifest) -> tuple[bool, str]:
 class Bundle:
     """A loaded bundle: ``bundle(x) -> {output name: numpy array}``."""
 
-    def __init__(self, path, manifest, vm, dev):
+    def __init__(self, path, manifest, vm, dev, lib=None):
         self.path = path
+        self.lib = lib  # the loaded model.so (its kernels, for per-op timing)
         self.manifest = manifest
         self._vm = vm
         self._dev = dev
@@ -218,4 +219,4 @@ def load_bundle(bundle_dir, verify=True) -> Bundle:
         raise InputError(f"{bundle_dir}: cannot load {LIBRARY} ({str(e).strip().splitlines()[0][:160]})") from None
     dev = tvm.cpu()
     vm = relax.VirtualMachine(lib, dev)
-    return Bundle(str(bundle_dir), manifest, vm, dev)
+    return Bundle(str(bundle_dir), manifest, vm, dev, lib)

@@ -1,9 +1,10 @@
 """``bdp profile``: latency of a bundle (median, p90, p99), per-op breakdown, FP32 baseline.
 
 Local profiling times the bundle's Relax VM on this host: warm-up runs, then N timed runs of
-the whole model; a separate instrumented pass through the VM gives per-op times (each
-``call_tir`` kernel, by its symbol). The FP32 baseline is the bundle's ``reference.onnx`` run
-by onnxruntime on the same host, timed the same way, with the same number of threads.
+the whole model; per-op times (each ``call_tir`` kernel, by its symbol) come from timing every
+kernel call of one real run on its own (:func:`per_op_breakdown`). The FP32 baseline is the
+bundle's ``reference.onnx`` run by onnxruntime on the same host, timed the same way, with the
+same number of threads.
 """
 
 from __future__ import annotations
@@ -51,41 +52,71 @@ def _out_shape(args):
     return None
 
 
-def per_op_breakdown(bundle, x_dev, runs=3) -> list:
-    """[{op, calls, total_ms, share, shape}] from VM instrumentation (kernel calls by symbol;
-    SHAPE is the kernel's output, its last tensor argument)."""
+def _kernel_module(lib, symbol):
+    """The module in LIB's import tree that holds the compiled kernel SYMBOL, or None."""
+    todo = [lib]
+    while todo:
+        m = todo.pop()
+        try:
+            if m.implements_function(symbol, False):
+                return m
+        except Exception:
+            pass
+        todo.extend(getattr(m, "imports", ()) or ())
+    return None
+
+
+def per_op_breakdown(bundle, x_dev, repeat=15) -> tuple[list, str]:
+    """([{op, calls, total_ms, share, shape}], note): each kernel call of ``main`` timed on its
+    own with TVM's ``time_evaluator`` (median of REPEAT, on the arguments that call got in a
+    real run; SHAPE is the kernel's output, its last tensor argument).
+
+    The calls and their arguments come from one pass through the VM with its instrumentation
+    hook. Timing them inside that hook would add the hook's own cost (a Python call that
+    converts every argument, tens of microseconds) to every kernel: several times the run time
+    of a small binary conv."""
     import tvm
 
-    acc = {}
-    state = {}
-    shapes = {}
+    calls = []
 
     def instrument(func, func_symbol, before_run, ret_value, *args):
-        if before_run:
-            state[func_symbol] = time.perf_counter()
-        else:
-            t0 = state.pop(func_symbol, None)
-            if t0 is not None:
-                d = acc.setdefault(func_symbol, [0, 0.0])
-                d[0] += 1
-                d[1] += (time.perf_counter() - t0) * 1e3
-                if func_symbol not in shapes:
-                    shapes[func_symbol] = _out_shape(args)
+        if before_run and not func_symbol.startswith("vm.builtin."):
+            calls.append((func_symbol, list(args)))
         return 0
 
     vm = bundle._vm
     vm.set_instrument(tvm.runtime.convert(instrument) if hasattr(tvm.runtime, "convert") else instrument)
     try:
-        for _ in range(runs):
-            bundle.run_raw(x_dev)
+        bundle.run_raw(x_dev)
     finally:
         vm.set_instrument(None)
+    timed, acc, shapes, untimed = {}, {}, {}, set()
+    for sym, args in calls:
+        key = (sym, tuple(tuple(getattr(a, "shape", ())) for a in args))
+        if key not in timed:
+            mod = _kernel_module(bundle.lib, sym)
+            if mod is None:
+                untimed.add(sym)
+                continue
+            number = 1
+            t = mod.time_evaluator(sym, bundle._dev, number=number, repeat=3, min_repeat_ms=0)(*args)
+            est = float(np.median(t.results))  # pick NUMBER so one repeat takes about 2 ms
+            number = max(1, min(200, int(2e-3 / max(est, 1e-7))))
+            t = mod.time_evaluator(sym, bundle._dev, number=number, repeat=repeat)(*args)
+            timed[key] = float(np.median(t.results)) * 1e3
+        d = acc.setdefault(sym, [0, 0.0])
+        d[0] += 1
+        d[1] += timed[key]
+        shapes.setdefault(sym, _out_shape(args))
     total = sum(v[1] for v in acc.values()) or 1.0
-    rows = [{"op": k, "calls": v[0] // runs, "total_ms": v[1] / runs, "share": v[1] / total,
-             "shape": shapes.get(k)}
-            for k, v in acc.items() if not k.startswith("vm.builtin.")]
+    rows = [{"op": k, "calls": v[0], "total_ms": v[1], "share": v[1] / total, "shape": shapes.get(k)}
+            for k, v in acc.items()]
     rows.sort(key=lambda r: -r["total_ms"])
-    return rows
+    note = (f"each kernel call timed on its own (warm caches, median of {repeat}); "
+            f"kernels sum to {total:.3f} ms per run")
+    if untimed:
+        note += f"; not found in the library, not timed: {', '.join(sorted(untimed))}"
+    return rows, note
 
 
 def fp32_baseline(bundle_dir, manifest, x, runs, warmup):
@@ -120,8 +151,8 @@ def profile_local(bundle_dir, runs=50, warmup=5):
         "input_shape": list(shape),
         "threads": int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1)),
         "latency": summarize(times),
-        "per_op": per_op_breakdown(bundle, x_dev),
     }
+    result["per_op"], result["per_op_note"] = per_op_breakdown(bundle, x_dev)
     base, why = fp32_baseline(bundle_dir, manifest, x, runs, warmup)
     result["fp32_onnxruntime"] = base
     if base:
