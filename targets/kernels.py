@@ -66,6 +66,8 @@ class BinaryConvParams:
     act_threshold: float
     pad_value: float
     in_packed: bool = False  # X is packed bits uint8 [N, ceil(C/8), H, W] from another binary conv
+    in_words: bool = False  # X is this kernel's packed words [N, G, CW, H, W], made by its own
+    # pack function (:func:`pack_te`) that Relax fuses with the producers (resize, concatenation)
     out_mode: str = "float"  # "float": scale*D + bias; "sign": ±1 float; "bits": packed uint8
 
     @property
@@ -235,25 +237,13 @@ def packed_channels(c: int) -> int:
     return -(-c // 8)
 
 
-def binary_conv_te(X, Wp, scale, bias, Dt, p: BinaryConvParams, thresholds=None):
-    """TE compute of the stages; returns the output tensor: float32 [N, M, OH, OW] (``out_mode``
-    "float" or "sign") or uint8 [N, ceil(M/8), OH, OW] ("bits").
-
-    ``Dt`` is None when :func:`pack_weights` returned no table. ``thresholds`` is ``(flip, T)``, int32
-    [M] each (:func:`bdp.passes.ops.sign_thresholds`), for the "sign" and "bits" modes.
-
-    Packed bits (the link between two binary convs): byte ``b`` of pixel (n, y, x) holds channels
-    ``8b .. 8b+7``, channel ``8b + j`` in bit ``j`` (value ``1 << j``), bit 1 meaning -1; the
-    unused high bits of the last byte are 0.
-    """
-    t, l, b, r = p.pads
-    hp, wpd = p.padded_hw
-    oh, ow = p.out_hw
-    cg, mg, group, cw = p.cg, p.mg, p.group, p.cw
-    sh, sw = p.strides
-    dh, dw = p.dilations
+def pack_te(X, p: BinaryConvParams):
+    """The pack stage: X (float [N, C, H, W] binarized at ``act_threshold``, or packed bits when
+    ``in_packed``) as words [N, G, CW, H, W] of ``word_dtype``, channel ``c*word + k`` of group
+    g in bit k, bit 1 meaning -1, the bits past the group's channels 0."""
+    cg, group, cw = p.cg, p.group, p.cw
     thr = tirx.const(p.act_threshold, "float32")
-    word, wdt, acc = p.word, p.word_dtype, p.acc_dtype
+    word, wdt = p.word, p.word_dtype
     u0 = tirx.const(0, wdt)
 
     kb = te.reduce_axis((0, p.pack_bits), name="kb")
@@ -291,7 +281,30 @@ def binary_conv_te(X, Wp, scale, bias, Dt, p: BinaryConvParams, thresholds=None)
                 neg = tirx.all(ch < cg, neg)
             return te.sum(tirx.Select(neg, tirx.const(1, wdt) << kb.astype(wdt), u0), axis=kb)
 
-    Xu = te.compute((p.n, group, cw, p.h, p.w), pack, name="bdp_pack")
+    return te.compute((p.n, group, cw, p.h, p.w), pack, name="bdp_pack")
+
+
+def binary_conv_te(X, Wp, scale, bias, Dt, p: BinaryConvParams, thresholds=None):
+    """TE compute of the stages; returns the output tensor: float32 [N, M, OH, OW] (``out_mode``
+    "float" or "sign") or uint8 [N, ceil(M/8), OH, OW] ("bits").
+
+    ``Dt`` is None when :func:`pack_weights` returned no table. ``thresholds`` is ``(flip, T)``, int32
+    [M] each (:func:`bdp.passes.ops.sign_thresholds`), for the "sign" and "bits" modes.
+
+    Packed bits (the link between two binary convs): byte ``b`` of pixel (n, y, x) holds channels
+    ``8b .. 8b+7``, channel ``8b + j`` in bit ``j`` (value ``1 << j``), bit 1 meaning -1; the
+    unused high bits of the last byte are 0.
+    """
+    t, l, b, r = p.pads
+    hp, wpd = p.padded_hw
+    oh, ow = p.out_hw
+    cg, mg, group, cw = p.cg, p.mg, p.group, p.cw
+    sh, sw = p.strides
+    dh, dw = p.dilations
+    wdt, acc = p.word_dtype, p.acc_dtype
+    u0 = tirx.const(0, wdt)
+
+    Xu = X if p.in_words else pack_te(X, p)
 
     if p.needs_pad_stage:
         wq = max(-(-wpd // sw), p.ow_padded + (p.dilations[1] * (p.kw - 1)) // sw + 1)

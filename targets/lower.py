@@ -10,6 +10,8 @@ Kernels are then scheduled per target (:mod:`bdp.targets.schedules`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
 
 import numpy as np
 import onnx
@@ -35,6 +37,8 @@ def _static_shape(expr, what):
 
 
 _LINKS: dict = {}  # node name -> (in_channels if its X arrives packed else 0, out_mode); set by bdp_frontend
+_PACK_APART: set = set()  # binary convs whose pack stage is a function of its own (see pack_apart)
+PACK_APART_PRODUCERS = ("Concat", "Resize")
 
 
 def plan_links(model: onnx.ModelProto) -> dict:
@@ -58,13 +62,40 @@ def plan_links(model: onnx.ModelProto) -> dict:
     return {k: tuple(v) for k, v in plan.items()}
 
 
+def pack_apart(model: onnx.ModelProto) -> set:
+    """Names of the ``bdp.BinaryConv`` nodes whose pack stage becomes a Relax function of its own
+    (:func:`bdp.targets.kernels.pack_te`, op pattern injective) instead of a stage of the kernel:
+    those whose float input X is made by a concatenation or a resize and read by nothing else.
+    Relax's FuseOps then fuses the resizes and the concatenation into the pack (it fuses no
+    producer into a kernel), so the float tensor they make is never written to memory: only its
+    bits. Ungrouped convs only."""
+    from bdp.passes.ops import BINARY_CONV, DOMAIN
+
+    producer = {o: n for n in model.graph.node for o in n.output}
+    readers: dict = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    outputs = {o.name for o in model.graph.output}
+    out = set()
+    for n in model.graph.node:
+        if n.op_type != BINARY_CONV or n.domain != DOMAIN:
+            continue
+        group = next((a.i for a in n.attribute if a.name == "group"), 1)
+        src = producer.get(n.input[0])
+        if (group == 1 and src is not None and src.op_type in PACK_APART_PRODUCERS
+                and readers.get(n.input[0]) == 1 and n.input[0] not in outputs):
+            out.add(n.name)
+    return out
+
+
 def _binary_conv_converter():
     from tvm import relax
     from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
     from bdp.passes.ops import sign_thresholds
 
-    from .kernels import BinaryConvParams, binary_conv_te, pack_weights
+    from .kernels import BinaryConvParams, binary_conv_te, pack_te, pack_weights
 
     class BinaryConvConverter(OnnxOpConverter):
         @classmethod
@@ -94,6 +125,11 @@ def _binary_conv_converter():
             )
             if c % p.group or p.m % p.group:
                 raise InputError(f"{name}: channels {c} -> {p.m} not divisible by group {p.group}")
+            if name in _PACK_APART and not in_channels:
+                pp = p
+                x = bb.emit_te(lambda X: pack_te(X, pp), x, primfunc_name_hint="bdp_pack",
+                               primfunc_attrs={BDP_KERNEL_ATTR: "pack", "op_pattern": 2})
+                p = dataclasses.replace(p, in_words=True)
             wp, dt = pack_weights(wb, p)
             # float / ±1 outputs: kOutEWiseFusable (4), so Relax fuses elementwise consumers (ReLU,
             # PReLU, shortcut adds, gate products) into the kernel's epilogue; packed bits: opaque
@@ -160,18 +196,25 @@ def check_supported(model: onnx.ModelProto):
             raise UnsupportedOpError(node.name, node.op_type, "TVM's ONNX frontend has no converter for it")
 
 
-def import_onnx(model: onnx.ModelProto, input_shapes: dict):
-    """Relax IRModule of MODEL (params folded in as constants)."""
+def import_onnx(model: onnx.ModelProto, input_shapes: dict, spec=None):
+    """Relax IRModule of MODEL (params folded in as constants). With SPEC, the module is made for
+    that target: pack stages apart (:func:`pack_apart`) where its pipeline fuses them."""
     from tvm.relax.frontend.onnx import from_onnx
+
+    from .schedules import fuses_epilogues
 
     check_supported(model)
     _LINKS.clear()
     _LINKS.update(plan_links(model))
+    _PACK_APART.clear()
+    if spec is not None and fuses_epilogues(spec) and os.environ.get("BDP_PACK_APART", "1") != "0":
+        _PACK_APART.update(pack_apart(model))
     try:
         with bdp_frontend():
             mod = from_onnx(model, shape_dict=input_shapes, keep_params_in_input=False)
     finally:
         _LINKS.clear()
+        _PACK_APART.clear()
     return mod
 
 

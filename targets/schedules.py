@@ -25,12 +25,21 @@ four or eight times that for 32/16/8-bit words):
   channel word: ``wt`` broadcasts of input words, ``kt / VL`` vector weight loads and
   ``wt * kt / VL`` XOR + popcount + add.
 
+In orientation k the accumulator block is laid out with the output channels innermost (the
+vector lanes), so the popcount loop reads and writes it with whole vectors; only its write-back
+gathers. Orientation k is taken where an x tile would fill less than half a register.
+
 The accumulators live in a ``local`` cache block placed under the tile, the float epilogue is
 inlined into its write-back (``reverse_compute_inline``: no integer tensor reaches memory), the
 tile loops are fused with the rows and run in parallel (when the layer is big enough to pay for
 a parallel region), the reduction init is decomposed last. The pack stage is a vectorized loop
-over columns with the channel bits as the serial reduction (in a register), parallel over rows;
-the pad stage is a copy of words. LLVM turns the vector popcount into ``vpopcntq``/``vpopcntd``/
+over columns with the channel bits of a word unrolled (in a register), parallel over rows;
+the pad stage is a copy of words. A kernel whose input is a concatenation or a resize read by
+nothing else gets its pack stage as a Relax function of its own (op pattern injective, see
+:func:`bdp.targets.lower.pack_apart`): FuseOps fuses the resizes and the concatenation into it
+(never into a kernel), and :func:`schedule_pack_cpu` unrolls every bit of a pixel's words, so
+each bit reads its piece of the concatenation directly; the float concatenation is never
+written, only its words. LLVM turns the vector popcount into ``vpopcntq``/``vpopcntd``/
 ``vpopcntw`` (``icelake-server``), a ``vpshufb`` nibble lookup (``haswell``), or NEON ``cnt`` +
 ``uaddlp``/``uadalp`` (AArch64).
 
@@ -198,6 +207,72 @@ def _sched_pack_cpu(sch, vl, parallel):
     sch.unroll(kb)  # the word's bits: shifts and channel offsets become constants
 
 
+def _is_pack_function(func) -> bool:
+    """A pack stage of its own (``in_words`` kernels, :func:`bdp.targets.lower.pack_apart`), with
+    the producers Relax fused into it."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    for name, want in (("bdp_pack", True), ("bdp_popcount", False)):
+        try:
+            sch.get_sblock(name)
+            found = True
+        except Exception:
+            found = False
+        if found != want:
+            return False
+    return True
+
+
+PACK_UNROLL_MAX_BITS = 1024  # words of a pixel unrolled in a pack function up to this many bits
+
+
+def schedule_pack_cpu(func, spec):
+    """A pack function with its fused producers (resizes, concatenation): the producers read once
+    per value are inlined into the pack (a concatenation's selection, a resize's row blend), the
+    rest (a resize's column blend) stay parallel vectorized stages. The pack runs rows in
+    parallel, a vector of columns innermost, and unrolls every bit of the pixel's words, so each
+    bit's source piece of a concatenation is known at compile time: no float tensor of the
+    concatenation is written, only its words."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    lanes = _float_lanes(spec)
+    blocks = _root_blocks(sch)
+    any_concat = {sch.get(b).name_hint: True for b in blocks}  # the unrolled bits make it uniform
+    for b in blocks:
+        stmt = sch.get(b)
+        if stmt.name_hint == "bdp_pack" or "R" in _iter_kinds(stmt):
+            continue
+        if _inline_is_cheap(sch, b, any_concat):
+            try:
+                sch.compute_inline(b)
+            except Exception:
+                pass
+    pk = sch.get_sblock("bdp_pack")
+    n, g, c, y, x, kb = sch.get_loops(pk)
+    w, cw, bits = _extent(sch, x), _extent(sch, c), _extent(sch, kb)
+    vl = vector_lanes(spec, 64)
+    xo, xi = sch.split(x, [None, _pack_width(w, vl)])
+    sch.reorder(n, g, y, xo, c, kb, xi)
+    loc = sch.cache_write(pk, 0, "local")
+    sch.reverse_compute_at(loc, c)
+    _vectorize_if(sch, xi)
+    below = _loops_below(sch, loc, c)
+    _vectorize_if(sch, below[-1] if below else None)
+    rows = sch.fuse(n, g, y)
+    if _extent(sch, rows) * w * cw * bits >= PARALLEL_MIN_ELEMENTS:
+        sch.parallel(rows)
+    sch.decompose_reduction(pk, kb)
+    sch.unroll(kb)
+    if cw * bits <= PACK_UNROLL_MAX_BITS:
+        sch.unroll(c)
+    for b in _root_blocks(sch):
+        if sch.get(b).name_hint != "bdp_pack" and all(sch.get(lp).kind == 0 for lp in sch.get_loops(b)):
+            _schedule_injective(sch, b, lanes)
+    return sch.mod["main"]
+
+
 def _sched_pad_cpu(sch, parallel):
     try:
         pd = sch.get_sblock("bdp_pad")
@@ -337,7 +412,8 @@ def _cpu_binary_schedule(func, p, spec):
     plan = binary_conv_plan(p, spec)
     sch = s_tir.Schedule(func)
     rest = _absorb_fused(sch)
-    _sched_pack_cpu(sch, vector_lanes(spec, 64), p.n * p.c * p.h * p.w >= 4 * PARALLEL_MIN_ELEMENTS)
+    if not p.in_words:
+        _sched_pack_cpu(sch, vector_lanes(spec, 64), p.n * p.c * p.h * p.w >= 4 * PARALLEL_MIN_ELEMENTS)
     hp, wp = p.padded_hw
     _sched_pad_cpu(sch, p.n * p.group * p.cw * hp * wp >= PARALLEL_MIN_ELEMENTS)
     blk = sch.get_sblock("bdp_popcount")
@@ -509,6 +585,8 @@ def schedule_module(mod, spec):
             continue
         if "tir.is_scheduled" in func.attrs and bool(func.attrs["tir.is_scheduled"]):
             continue
+        if str(func.attrs[BDP_KERNEL_ATTR]) != "binary_conv":
+            raise RuntimeError(f"bdp: {gv.name_hint} ({func.attrs[BDP_KERNEL_ATTR]}) is scheduled after fusion only")
         new = schedule_binary_conv(func, spec)
         # scheduled alone: opaque to FuseOps from here on
         new = new.with_attr("tir.is_scheduled", True).with_attr("op_pattern", 8)
@@ -1236,6 +1314,9 @@ def float_schedule_pass(spec):
             p = bdp_kernel_params(func)
             if p is not None:  # a bdp kernel, with its fused epilogue
                 out[gv] = schedule_binary_conv(func, spec, p).with_attr("tir.is_scheduled", True)
+                continue
+            if _is_pack_function(func):  # a pack stage apart, with its fused producers
+                out[gv] = schedule_pack_cpu(func, spec).with_attr("tir.is_scheduled", True)
                 continue
             calls = sites.get(gv.name_hint, [])
             consts = _constant_args(calls) if calls else set()

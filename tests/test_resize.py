@@ -139,3 +139,84 @@ def test_concat_split_plan():
     text = new.script()
     assert re.search(r"T\.unroll\((T\.int64\()?4\)", text) and "T.vectorized" in text and "T.parallel" in text
     assert "T_multiply" not in text  # the multiplies are inlined
+
+
+def _pieces_then_binary_conv(pieces, m, k, stride, thr, extra_reader=False):
+    """Resized pieces concatenated, binarized at THR and read by one binary conv (M outputs, KxK,
+    STRIDE, pad k//2); EXTRA_READER: a Relu of the concatenation is a second output."""
+    nodes, inits, outs = [], [], []
+    x_shape = (1, 1, 16, 20)
+    rng = np.random.default_rng(m + k)
+    for i, (c, h, w) in enumerate(pieces):  # a 1x1 conv of x, average-pooled to h x w, resized back
+        inits.append(numpy_helper.from_array(rng.standard_normal((c, 1, 1, 1)).astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("Conv", ["x", f"w{i}"], [f"c{i}"]))
+        nodes.append(helper.make_node("AveragePool", [f"c{i}"], [f"p{i}"], kernel_shape=[16 // h, 20 // w],
+                                      strides=[16 // h, 20 // w]))
+        if (h, w) != (16, 20):
+            inits.append(numpy_helper.from_array(np.array([1, 1, 16 // h, 20 // w], np.float32), f"s{i}"))
+            nodes.append(helper.make_node("Resize", [f"p{i}", "", f"s{i}"], [f"r{i}"], **LINEAR))
+            outs.append(f"r{i}")
+        else:
+            outs.append(f"p{i}")
+    nodes.append(helper.make_node("Concat", outs, ["cat"], axis=1))
+    c_in = sum(p[0] for p in pieces)
+    wf = rng.standard_normal((m, c_in, k, k)).astype(np.float32)
+    alpha = np.abs(wf).mean(axis=(1, 2, 3), keepdims=True)
+    inits += [numpy_helper.from_array((alpha * np.where(wf >= 0, 1.0, -1.0)).astype(np.float32), "W"),
+              numpy_helper.from_array((0.1 * rng.standard_normal(m)).astype(np.float32), "b"),
+              numpy_helper.from_array(np.array(thr, np.float32), "t"),
+              numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+              numpy_helper.from_array(np.array(-1.0, np.float32), "mone")]
+    nodes += [helper.make_node("GreaterOrEqual", ["cat", "t"], ["ge"]),
+              helper.make_node("Where", ["ge", "one", "mone"], ["s"]),
+              helper.make_node("Conv", ["s", "W", "b"], ["y"], kernel_shape=[k, k], strides=[stride, stride],
+                               pads=[k // 2] * 4)]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if extra_reader:
+        nodes.append(helper.make_node("Relu", ["cat"], ["z"]))
+        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), x_shape
+
+
+@pytest.mark.parametrize("pieces,m,k,stride,thr", [
+    ([(16, 16, 20), (32, 8, 10), (64, 4, 5), (128, 2, 5)], 24, 1, 1, 0.0),  # MTI-Net head: 240 channels
+    ([(16, 16, 20), (32, 8, 10)], 17, 3, 1, 0.1),  # 48 channels, 3x3, odd M
+    ([(5, 16, 20), (9, 8, 10), (3, 4, 5)], 7, 3, 2, -0.2),  # 17 channels: words not byte-aligned
+    ([(70, 8, 10)], 33, 3, 1, 0.0),  # a resize alone, two words
+])
+def test_pack_apart_fuses_resize_and_concat(pieces, m, k, stride, thr):
+    """A binary conv reading a concatenation of resizes gets its pack stage as a function of its
+    own, which Relax fuses with the resizes and the concatenation (only the bits are written);
+    the compiled model equals onnxruntime's float model."""
+    import tvm
+    from tvm import relax
+
+    from bdp.passes import run_pipeline
+    from bdp.targets.lower import build, import_onnx, pack_apart
+    from bdp.targets.spec import get_target
+
+    model, x_shape = _pieces_then_binary_conv(pieces, m, k, stride, thr)
+    x = np.random.default_rng(5).standard_normal(x_shape).astype(np.float32)
+    want = run_onnxruntime(model, {"x": x})[0]
+    final, _ = run_pipeline(model, "default", shapes={"x": x_shape})
+    assert "BinaryConv" in [n.op_type for n in final.graph.node]
+    assert len(pack_apart(final)) == 1
+    spec = get_target("x86")
+    mod = import_onnx(final, {"x": list(x_shape)}, spec)
+    assert any(gv.name_hint.startswith("bdp_pack") for gv in mod.functions)
+    ex = build(mod, spec)
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_pack_apart_only_for_a_sole_binary_reader():
+    from bdp.passes import run_pipeline
+    from bdp.targets.lower import pack_apart
+
+    model, x_shape = _pieces_then_binary_conv([(16, 16, 20), (32, 8, 10)], 8, 3, 1, 0.0, extra_reader=True)
+    final, _ = run_pipeline(model, "default", shapes={"x": x_shape})
+    assert "BinaryConv" in [n.op_type for n in final.graph.node]
+    assert pack_apart(final) == set()  # the float concatenation is needed anyway

@@ -162,7 +162,7 @@ def compile_model(model, target="x86", out="bundle", *, input_shape=None, pipeli
     outputs = [{"name": n, "shape": list(a.shape), "dtype": str(a.dtype), "task": task_of(n)}
                for n, a in zip(out_names, ref_outs)]
     stages("import")
-    mod = import_onnx(final, {inp.name: list(shape)})
+    mod = import_onnx(final, {inp.name: list(shape)}, spec)
     stages("build")
     ex = build(mod, spec)
     stages("bundle")
