@@ -224,22 +224,30 @@ def _is_pack_function(func) -> bool:
     return True
 
 
-PACK_UNROLL_MAX_BITS = 1024  # words of a pixel unrolled in a pack function up to this many bits
+PACK_UNROLL_MAX_BITS = 1024  # a pack function without a splittable concatenation: bits unrolled up to this many
 
 
 def schedule_pack_cpu(func, spec):
     """A pack function with its fused producers (resizes, concatenation): the producers read once
     per value are inlined into the pack (a concatenation's selection, a resize's row blend), the
     rest (a resize's column blend) stay parallel vectorized stages. The pack runs rows in
-    parallel, a vector of columns innermost, and unrolls every bit of the pixel's words, so each
-    bit's source piece of a concatenation is known at compile time: no float tensor of the
-    concatenation is written, only its words."""
+    parallel with a vector of columns innermost. Its bits are split into chunks that each read one
+    piece of the concatenation (the pieces' common divisor, :func:`_concat_split`); the words and
+    chunks are unrolled, so each copy's piece is known at compile time (the others fold away) and
+    the float concatenation is never written, only its words. Without a concatenation the bits
+    of a word are unrolled."""
+    import math
+
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
     lanes = _float_lanes(spec)
     blocks = _root_blocks(sch)
-    any_concat = {sch.get(b).name_hint: True for b in blocks}  # the unrolled bits make it uniform
+    plans = [_concat_split(sch.get(b)) for b in blocks]
+    plans = [pl for pl in plans if pl is not None]
+    chunk = plans[0][1] if len(plans) == 1 and plans[0][0] == 1 else None
+    has_concat = any(_has_conditional(sch.get(b).body, select=False) for b in blocks)
+    any_concat = {sch.get(b).name_hint: True for b in blocks}  # made uniform by the unrolled chunks
     for b in blocks:
         stmt = sch.get(b)
         if stmt.name_hint == "bdp_pack" or "R" in _iter_kinds(stmt):
@@ -263,10 +271,19 @@ def schedule_pack_cpu(func, spec):
     rows = sch.fuse(n, g, y)
     if _extent(sch, rows) * w * cw * bits >= PARALLEL_MIN_ELEMENTS:
         sch.parallel(rows)
-    sch.decompose_reduction(pk, kb)
-    sch.unroll(kb)
-    if cw * bits <= PACK_UNROLL_MAX_BITS:
+    step = math.gcd(chunk, bits) if chunk else 0
+    if has_concat and step:
+        kbo, kbi = sch.split(kb, [None, step])
+        sch.decompose_reduction(pk, kbo)
+        sch.unroll(kbo)
         sch.unroll(c)
+        if step <= 8:
+            sch.unroll(kbi)
+    else:
+        sch.decompose_reduction(pk, kb)
+        sch.unroll(kb)
+        if has_concat and cw * bits <= PACK_UNROLL_MAX_BITS:
+            sch.unroll(c)
     for b in _root_blocks(sch):
         if sch.get(b).name_hint != "bdp_pack" and all(sch.get(lp).kind == 0 for lp in sch.get_loops(b)):
             _schedule_injective(sch, b, lanes)
