@@ -57,14 +57,17 @@ and fusion for CPU targets; it gives every PrimFunc without ``tir.is_scheduled``
 tuning-free schedule (:func:`schedule_float_cpu`):
 
 * injective producers are inlined into their consumers, except constant padding in front of a
-  reduction (kept as a parallel copy, so the inner loop has no bounds checks), producers read
+  reduction that reads each input element several times, a conv (kept as a parallel copy, so
+  the inner loop has no bounds checks; in front of pooling the copy costs more), producers read
   more than once per output (bilinear resize taps) and producers of a concatenation whose
   pieces cannot be split into a few equal chunks (:func:`_schedule_concat` unrolls those chunks,
   so each copy of the loop body reads one piece and the inlined producer runs vectorized);
 * the main reduction block (conv2d, grouped/depthwise conv, conv2d_transpose, matmul, pooling)
   is register-blocked: orientation "x" vectorizes the innermost output axis (one or two
   registers) and unrolls an output axis that the x-dependent operand ignores (conv: output
-  channels); strided reads get a phase-split copy so the vector loads stay contiguous.
+  channels); strided reads get a phase-split layout so the vector loads stay contiguous (of
+  the padding copy, or of a copy of their own where the reduction reads each input element at
+  least ``PHASE_SPLIT_MIN_REUSE`` times: not for pooling, whose strided loads cost less).
   Orientation "u", for outputs too narrow for a vector (1x1 convs and depthwise convs at 1/16
   and 1/32 scale), vectorizes that other axis instead: constant operands (weights) are
   re-laid out at compile time (the PrimFunc's parameter changes layout and the Relax call
@@ -883,7 +886,7 @@ def _pick_unroll_axis(sch, block_stmt, spatial_vars, x_var):
     return best
 
 
-def _phase_split_strided_reads(sch, block, x_var):
+def _phase_split_strided_reads(sch, block, x_var, reuse=None):
     """Give reads that step by S > 1 along X (strided convs, pooling) a phase-split layout.
 
     The buffer (a padding stage in this function, or a copy made with ``cache_read``) is stored
@@ -911,11 +914,50 @@ def _phase_split_strided_reads(sch, block, x_var):
         try:
             if int(buf.shape[-1]) % stride:
                 continue
+            if not prod and reuse is not None and reuse < PHASE_SPLIT_MIN_REUSE:
+                continue  # a copy of its own would cost more than the strided reads it saves
             pblk = prod[0] if prod else sch.cache_read(block, i, "global")
             sch.transform_layout(pblk, ("write", 0), _phase_split_map(stride, len(buf.shape)))
         except Exception:
             continue
         stmt = sch.get(block)
+
+
+PHASE_SPLIT_MIN_REUSE = 4  # reads per input element that pay for a phase-split copy of its own
+
+
+def _feeds_light_reduction(sch, block):
+    """BLOCK (a padding stage) is read only by reductions that read each input element fewer
+    than ``PHASE_SPLIT_MIN_REUSE`` times (pooling): its copy costs more than the bounds checks
+    it saves."""
+    cons = sch.get_consumers(block)
+    if not cons:
+        return False
+    for c in cons:
+        stmt = sch.get(c)
+        if "R" not in _iter_kinds(stmt):
+            return False
+        macs = 1
+        for lp in sch.get_loops(c):
+            macs *= _extent(sch, lp) or 1
+        reuse = _reads_per_input(sch, stmt, macs)
+        if reuse is None or reuse >= PHASE_SPLIT_MIN_REUSE:
+            return False
+    return True
+
+
+def _reads_per_input(sch, stmt, macs):
+    """MACS over the elements of the largest buffer STMT reads: how often each is read."""
+    biggest = 0
+    for r in stmt.reads:
+        try:
+            n = 1
+            for d in r.source.shape:
+                n *= int(d)
+        except TypeError:
+            return None
+        biggest = max(biggest, n)
+    return macs / biggest if biggest else None
 
 
 def _phase_split_map(stride, nd):
@@ -1108,7 +1150,7 @@ def _tile_reduction(sch, block, lanes, regs, ctx):
         sch.decompose_reduction(block, r_loops[0])
         return True
 
-    _phase_split_strided_reads(sch, block, svars[-1])
+    _phase_split_strided_reads(sch, block, svars[-1], reuse=_reads_per_input(sch, stmt, macs))
     stmt = sch.get(block)
     nvec = -(-xv // lanes)
     u_in = None
@@ -1194,7 +1236,7 @@ def schedule_float_cpu(func, spec, const_params=()):
                 stmt = sch.get(b)
                 if "R" in _iter_kinds(stmt) or _is_output_block(sch, b):
                     continue
-                if red and _has_conditional(stmt.body) and attempt == "tiled":
+                if red and _has_conditional(stmt.body) and attempt == "tiled" and not _feeds_light_reduction(sch, b):
                     continue
                 if not _inline_is_cheap(sch, b, concats):
                     continue

@@ -147,7 +147,8 @@ def _llvm_source(ex, fmt):
 
 def _float_net():
     """A float graph with the operators the zoo uses: strided stem conv, 3x3, 1x1 at a narrow
-    width, depthwise 7x7, ConvTranspose, Resize, MatMul + Softmax, BatchNorm-like affine, PRelu."""
+    width, depthwise 7x7, ConvTranspose, Resize, MatMul + Softmax, BatchNorm-like affine, PRelu,
+    max and average pooling."""
     rng = np.random.default_rng(0)
 
     def init(name, *shape, scale=0.2):
@@ -173,10 +174,15 @@ def _float_net():
         helper.make_node("MatMul", ["qt", "q"], ["att"]),  # [1, 80, 80]
         helper.make_node("Softmax", ["att"], ["sm"], axis=-1),
         helper.make_node("MatMul", ["q", "sm"], ["o"]),  # [1, 32, 80]
+        # pooling: its padding is inlined and its strided reads get no copy (few reads per input)
+        helper.make_node("MaxPool", ["r0"], ["mp"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("AveragePool", ["mp"], ["ap"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("AveragePool", ["ap"], ["ap2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
     ]
     graph = helper.make_graph(nodes, "floatnet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 40])],
                               [helper.make_tensor_value_info("u", TensorProto.FLOAT, None),
-                               helper.make_tensor_value_info("o", TensorProto.FLOAT, None)], inits)
+                               helper.make_tensor_value_info("o", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("ap2", TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
