@@ -192,18 +192,30 @@ def _pack_width(w, vl):
 # Binary conv: CPU
 
 
-def _sched_pack_cpu(sch, vl, parallel):
+def _pack_tiles(sch, vl, words_inner):
+    """The pack block's loops: columns split into vectors (innermost), a word's bits above them
+    accumulated in a register (a local cache written back per word), the rows fused outermost,
+    with the words among them or, WORDS_INNER, just above the bits. Returns (block, rows, words
+    loop, bits loop)."""
     pk = sch.get_sblock("bdp_pack")
     n, g, c, y, x, kb = sch.get_loops(pk)
-    w = int(sch.get(x).extent)
-    xo, xi = sch.split(x, [None, _pack_width(w, vl)])
-    sch.reorder(n, g, c, y, xo, kb, xi)
+    xo, xi = sch.split(x, [None, _pack_width(_extent(sch, x), vl)])
+    if words_inner:
+        sch.reorder(n, g, y, xo, c, kb, xi)
+        at, rows = c, (n, g, y)
+    else:
+        sch.reorder(n, g, c, y, xo, kb, xi)
+        at, rows = xo, (n, g, c, y)
     loc = sch.cache_write(pk, 0, "local")
-    sch.reverse_compute_at(loc, xo)
+    sch.reverse_compute_at(loc, at)
     _vectorize_if(sch, xi)
-    below = _loops_below(sch, loc, xo)
+    below = _loops_below(sch, loc, at)
     _vectorize_if(sch, below[-1] if below else None)
-    rows = sch.fuse(n, g, c, y)
+    return pk, sch.fuse(*rows), c, kb
+
+
+def _sched_pack_cpu(sch, vl, parallel):
+    pk, rows, _, kb = _pack_tiles(sch, vl, words_inner=False)
     if parallel:
         sch.parallel(rows)
     sch.decompose_reduction(pk, kb)
@@ -260,18 +272,10 @@ def schedule_pack_cpu(func, spec):
                 sch.compute_inline(b)
             except Exception:
                 pass
-    pk = sch.get_sblock("bdp_pack")
-    n, g, c, y, x, kb = sch.get_loops(pk)
-    w, cw, bits = _extent(sch, x), _extent(sch, c), _extent(sch, kb)
-    vl = vector_lanes(spec, 64)
-    xo, xi = sch.split(x, [None, _pack_width(w, vl)])
-    sch.reorder(n, g, y, xo, c, kb, xi)
-    loc = sch.cache_write(pk, 0, "local")
-    sch.reverse_compute_at(loc, c)
-    _vectorize_if(sch, xi)
-    below = _loops_below(sch, loc, c)
-    _vectorize_if(sch, below[-1] if below else None)
-    rows = sch.fuse(n, g, y)
+    _, _, _, _, x, _ = sch.get_loops(sch.get_sblock("bdp_pack"))
+    w = _extent(sch, x)
+    pk, rows, c, kb = _pack_tiles(sch, vector_lanes(spec, 64), words_inner=True)
+    cw, bits = _extent(sch, c), _extent(sch, kb)
     if _extent(sch, rows) * w * cw * bits >= PARALLEL_MIN_ELEMENTS:
         sch.parallel(rows)
     step = math.gcd(chunk, bits) if chunk else 0
