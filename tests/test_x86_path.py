@@ -201,8 +201,6 @@ def test_profile_per_op_counts_every_kernel_call(tmp_path, monkeypatch):
     """The per-op rows cover exactly the kernel calls of one run (counted here with the VM's
     own instrumentation hook), each timed on its own on the arguments of that run. Loading a
     bundle makes TVM's workers sleep between parallel loops unless the user said otherwise."""
-    import tvm
-
     from bdp.toolchain.bundle import load_bundle
     from bdp.toolchain.profile import per_op_breakdown
 
