@@ -368,8 +368,9 @@ def _register_accumulators(sch, blk, at, p, epilogue, tile_m=0, lanes_last=False
 def _depthwise_cpu(sch, p, blk, loops):
     """One input channel per group: the taps are 0/1 bytes, added in uint8 (int16 for kernels of
     256+ taps) over vectors of 16/32 output columns kept in registers across every tap (the row is
-    computed rounded up to whole vectors, see ``ow_padded``); the epilogue is its own pass over
-    the rows."""
+    computed rounded up to whole vectors, see ``ow_padded``); the float / ±1 epilogue runs in the
+    same parallel row loop, right after the row's taps (one parallel region less, the row's
+    counts still in L1)."""
     n, m, y, x, r, s, c = loops
     v = 16 if p.ow_padded <= 16 else 32
     xo, xi = sch.split(x, [None, v])
@@ -377,21 +378,17 @@ def _depthwise_cpu(sch, p, blk, loops):
     oh, ow = p.out_hw
     parallel = p.n * p.m * oh * ow >= PARALLEL_MIN_ELEMENTS  # a depthwise tap is a byte add
 
-    def epilogue():  # its own pass over the rows
-        ep = sch.get_sblock("bdp_binary_conv")
-        en, em, ey, ex = sch.get_loops(ep)
-        erows = sch.fuse(en, em, ey)
-        if parallel:
-            sch.parallel(erows)
-        vx = next(d for d in (16, 8, 4, 2, 1) if ow % d == 0)
-        if vx > 1:
-            _, exi = sch.split(ex, [None, vx])
-            sch.vectorize(exi)
-
-    _register_accumulators(sch, blk, xo, p, epilogue)
+    _register_accumulators(sch, blk, xo, p, lambda: None)  # the epilogue: below, in the row loop
     rows = sch.fuse(n, m, y)
     if parallel:
         sch.parallel(rows)
+    if p.out_mode != "bits":
+        ep = sch.get_sblock("bdp_binary_conv")
+        sch.reverse_compute_at(ep, rows)
+        vx = next(d for d in (16, 8, 4, 2, 1) if ow % d == 0)
+        if vx > 1:
+            _, exi = sch.split(_loops_below(sch, ep, rows)[-1], [None, vx])
+            sch.vectorize(exi)
     sch.vectorize(xi)
     init = sch.decompose_reduction(blk, r)
     sch.vectorize(sch.get_loops(init)[-1])
