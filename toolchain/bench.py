@@ -404,16 +404,12 @@ def run(json_path="bench.json", chart="bench.png", quick=False, only="all", arch
     """Run the suite, print the tables, write JSON_PATH and the PNG CHART; returns the results dict."""
     threads = _threads()
     os.environ.setdefault("TVM_NUM_THREADS", str(threads))  # before TVM's thread pool starts
-    from bdp.toolchain.bundle import SPIN_COUNT
-
-    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", SPIN_COUNT)  # as bundles run (bundle.py)
     from bdp.models import zoo
     from bdp.targets.spec import get_target
 
     spec = get_target("x86")
     res = {"bdp_bench": 1, "date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": bool(quick),
-           "threads": threads, "tvm_thread_pool_spin_count": os.environ["TVM_THREAD_POOL_SPIN_COUNT"],
-           "host": _host(), "versions": _versions(),
+           "threads": threads, "host": _host(), "versions": _versions(),
            "target": {"name": spec.name, "tvm": spec.tvm, "popcount": spec.popcount_isa},
            "method": ("median (and min) of interleaved runs; every runtime uses the same thread count; "
                       "bdp layer = binarize + pack + popcount conv + float epilogue, float in and out"),

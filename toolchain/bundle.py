@@ -29,11 +29,6 @@ from bdp.errors import InputError
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
-# TVM's thread-pool workers sleep between parallel loops instead of spinning: as fast on an idle
-# CPU, and on a CPU shared with other processes (a robot's, a CI machine's) several times less
-# time lost to workers that spin while the process they wait for is descheduled. A value the
-# user set is kept.
-SPIN_COUNT = "0"
 
 
 def sha256_file(path, chunk=1 << 20) -> str:
@@ -223,6 +218,5 @@ def load_bundle(bundle_dir, verify=True) -> Bundle:
     except Exception as e:
         raise InputError(f"{bundle_dir}: cannot load {LIBRARY} ({str(e).strip().splitlines()[0][:160]})") from None
     dev = tvm.cpu()
-    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", SPIN_COUNT)  # before TVM's thread pool starts
     vm = relax.VirtualMachine(lib, dev)
     return Bundle(str(bundle_dir), manifest, vm, dev, lib)

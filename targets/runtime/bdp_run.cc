@@ -21,9 +21,7 @@
 // or runtime failure.
 //
 // The manifest is parsed with tvm-ffi's own JSON reader (tvm::ffi::json).
-// Threads: the TVM runtime honours TVM_NUM_THREADS. TVM_THREAD_POOL_SPIN_COUNT defaults to 0
-// here (workers sleep between parallel loops instead of spinning): as fast on an idle CPU, much
-// faster on one the robot's other processes share; set it to override.
+// Threads: the TVM runtime honours TVM_NUM_THREADS.
 //
 // Build (see bdp/targets/aarch64.py, build_runner):
 //   aarch64-linux-gnu-g++ -std=c++17 -O2 bdp_run.cc -I<tvm_ffi/include>
@@ -501,7 +499,6 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  setenv("TVM_THREAD_POOL_SPIN_COUNT", "0", 0);  // before the runtime's thread pool starts
   try {
     return run(argc, argv);
   } catch (const Fail& f) {
