@@ -69,7 +69,7 @@ def pack_apart(model: onnx.ModelProto) -> set:
     Relax's FuseOps then fuses the resizes and the concatenation into the pack (it fuses no
     producer into a kernel), so the float tensor they make is never written to memory: only its
     bits. Ungrouped convs only."""
-    from bdp.passes.ops import BINARY_CONV, DOMAIN
+    from bdp.passes.ops import BINARY_CONV, DOMAIN, binary_conv_attrs
 
     producer = {o: n for n in model.graph.node for o in n.output}
     readers: dict = {}
@@ -81,9 +81,8 @@ def pack_apart(model: onnx.ModelProto) -> set:
     for n in model.graph.node:
         if n.op_type != BINARY_CONV or n.domain != DOMAIN:
             continue
-        group = next((a.i for a in n.attribute if a.name == "group"), 1)
         src = producer.get(n.input[0])
-        if (group == 1 and src is not None and src.op_type in PACK_APART_PRODUCERS
+        if (binary_conv_attrs(n)["group"] == 1 and src is not None and src.op_type in PACK_APART_PRODUCERS
                 and readers.get(n.input[0]) == 1 and n.input[0] not in outputs):
             out.add(n.name)
     return out

@@ -37,9 +37,9 @@ over columns with the channel bits of a word unrolled (in a register), parallel 
 the pad stage is a copy of words. A kernel whose input is a concatenation or a resize read by
 nothing else gets its pack stage as a Relax function of its own (op pattern injective, see
 :func:`bdp.targets.lower.pack_apart`): FuseOps fuses the resizes and the concatenation into it
-(never into a kernel), and :func:`schedule_pack_cpu` unrolls every bit of a pixel's words, so
-each bit reads its piece of the concatenation directly; the float concatenation is never
-written, only its words. LLVM turns the vector popcount into ``vpopcntq``/``vpopcntd``/
+(never into a kernel), and :func:`schedule_pack_cpu` unrolls a pixel's words in chunks of bits
+that each read one piece of the concatenation, so each copy reads its piece directly; the
+float concatenation is never written, only its words. LLVM turns the vector popcount into ``vpopcntq``/``vpopcntd``/
 ``vpopcntw`` (``icelake-server``), a ``vpshufb`` nibble lookup (``haswell``), or NEON ``cnt`` +
 ``uaddlp``/``uadalp`` (AArch64).
 
@@ -351,7 +351,7 @@ def _register_accumulators(sch, blk, at, p, epilogue, tile_m=0, lanes_last=False
     bytes, else from an int32 tensor in a stage of their own. Returns a step to run after the
     tile loops are parallel, or None."""
     loc = sch.cache_write(blk, 0, "local")
-    if os.environ.get("BDP_KLAYOUT", "1") == "1" and lanes_last:
+    if lanes_last:  # orientation k: the vector lanes (output channels) innermost
         sch.transform_layout(blk, ("write", 0), lambda n, m, y, x: (n, y, x, m))
     sch.reverse_compute_at(loc, at)
     if p.out_mode == "bits":

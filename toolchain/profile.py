@@ -98,8 +98,7 @@ def per_op_breakdown(bundle, x_dev, repeat=15) -> tuple[list, str]:
             if mod is None:
                 untimed.add(sym)
                 continue
-            number = 1
-            t = mod.time_evaluator(sym, bundle._dev, number=number, repeat=3, min_repeat_ms=0)(*args)
+            t = mod.time_evaluator(sym, bundle._dev, number=1, repeat=3)(*args)
             est = float(np.median(t.results))  # pick NUMBER so one repeat takes about 2 ms
             number = max(1, min(200, int(2e-3 / max(est, 1e-7))))
             t = mod.time_evaluator(sym, bundle._dev, number=number, repeat=repeat)(*args)
