@@ -43,8 +43,50 @@ def host_x86_mcpu() -> tuple[str, str]:
     return "x86-64", "popcnt"
 
 
+def host_cores() -> int:
+    """Physical cores this process may run on: the CPUs of its affinity mask, hyper-threading
+    siblings counted once (``/sys/devices/system/cpu/cpuN/topology/thread_siblings_list``)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = list(range(os.cpu_count() or 1))
+    cores = set()
+    for c in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list") as f:
+                cores.add(f.read().strip())
+        except OSError:
+            cores.add(str(c))
+    return max(1, len(cores))
+
+
+def runtime_threads() -> int:
+    """Threads a bdp bundle runs with on this host: ``TVM_NUM_THREADS`` if set, else
+    :func:`host_cores`."""
+    try:
+        return max(1, int(os.environ["TVM_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return host_cores()
+
+
+def configure_runtime_threads() -> int:
+    """Set TVM's thread-pool defaults for bdp before the pool starts; returns the thread count.
+
+    TVM's own default on x86 is half the logical CPUs ("ignore hyper-threading") with the
+    workers pinned one per core: on a 2-vCPU VM without hyper-threading that is one thread, and a
+    pinned worker cannot move off a core that another thread (another runtime's spinning worker,
+    another process) takes. bdp defaults to the physical cores of its affinity mask
+    (``TVM_NUM_THREADS``) and to unpinned workers (``TVM_BIND_THREADS=0``); a value already in
+    the environment wins.
+    """
+    n = runtime_threads()
+    os.environ.setdefault("TVM_NUM_THREADS", str(n))
+    os.environ.setdefault("TVM_BIND_THREADS", "0")
+    return n
+
+
 def _threads() -> int:
-    return int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))
+    return runtime_threads()
 
 
 def get_target(name: str) -> TargetSpec:

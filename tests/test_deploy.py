@@ -98,3 +98,39 @@ def test_image_in_pictures_out(x86_bundle, tmp_path):
     # a non-image with an image extension
     (tmp_path / "fake.png").write_bytes(b"not a png")
     assert_input_error(run_cli("run", x86_bundle, "--input", tmp_path / "fake.png"), "fake.png")
+
+
+def test_bundle_runs_on_every_physical_core_by_default(x86_bundle):
+    """TVM's own default on x86 halves the logical CPUs and pins its workers; a bdp bundle uses
+    the physical cores of its affinity mask, unpinned, unless the environment says otherwise."""
+    import subprocess
+    import sys
+
+    probe = ("import os, sys, tvm_ffi\n"
+             "from bdp.toolchain.bundle import load_bundle\n"
+             "b = load_bundle(sys.argv[1])\n"
+             "b(__import__('numpy').zeros(b.input['shape'], 'float32'))\n"
+             "print(tvm_ffi.get_global_func('runtime.NumThreads')(), os.environ['TVM_BIND_THREADS'])\n")
+    affinity = sorted(os.sched_getaffinity(0))
+    siblings = set()
+    for c in affinity:
+        with open(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list") as f:
+            siblings.add(f.read().strip())
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "TVM_BIND_THREADS")}
+    out = subprocess.run([sys.executable, "-c", probe, x86_bundle], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(len(siblings)), "0"]
+    # an explicit setting wins, also over the affinity mask
+    env["TVM_NUM_THREADS"] = "1"
+    out = subprocess.run([sys.executable, "-c", probe, x86_bundle], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[0] == "1"
+    # a narrower affinity mask: as many threads as physical cores in it
+    if len(affinity) > 1:
+        out = subprocess.run(["taskset", "-c", str(affinity[0]), sys.executable, "-c", probe, x86_bundle],
+                             env={k: v for k, v in env.items() if k != "TVM_NUM_THREADS"}, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split()[0] == "1"

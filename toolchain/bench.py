@@ -1,7 +1,8 @@
 """``bdp bench``: the performance suite.
 
 Two parts, both timed on this host with the same number of threads for every runtime
-(``TVM_NUM_THREADS``, default: all cores; onnxruntime ``intra_op_num_threads``,
+(``TVM_NUM_THREADS``, default: the physical cores, see
+:func:`bdp.targets.spec.configure_runtime_threads`; onnxruntime ``intra_op_num_threads``,
 ``torch.set_num_threads``):
 
 **layers** - one binary 3x3 conv layer (stride 1, pad 1, C_in = C_out, float input, float output:
@@ -49,7 +50,9 @@ TARGETS = {"layer_geomean": 8.0, "layer_each": 5.0, "model_each": 4.0, "weights_
 
 
 def _threads() -> int:
-    return int(os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1)
+    from bdp.targets.spec import configure_runtime_threads
+
+    return configure_runtime_threads()
 
 
 def _stats(ts_ms) -> dict:
@@ -402,8 +405,7 @@ def _write_json(path, res):
 
 def run(json_path="bench.json", chart="bench.png", quick=False, only="all", archs=None, workdir=None):
     """Run the suite, print the tables, write JSON_PATH and the PNG CHART; returns the results dict."""
-    threads = _threads()
-    os.environ.setdefault("TVM_NUM_THREADS", str(threads))  # before TVM's thread pool starts
+    threads = _threads()  # sets TVM's thread-pool defaults before the pool starts
     from bdp.models import zoo
     from bdp.targets.spec import get_target
 

@@ -208,6 +208,9 @@ def load_bundle(bundle_dir, verify=True) -> Bundle:
     import tvm
     from tvm import relax
 
+    from bdp.targets.spec import configure_runtime_threads
+
+    configure_runtime_threads()  # before TVM's thread pool starts (its first parallel call)
     manifest = read_manifest(bundle_dir, verify=verify)
     ok, why = host_can_run(manifest)
     if not ok:

@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from bdp.errors import InputError
+from bdp.targets.spec import runtime_threads
 
 
 def summarize(times_ms) -> dict:
@@ -126,7 +127,7 @@ def fp32_baseline(bundle_dir, manifest, x, runs, warmup):
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    so.intra_op_num_threads = int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))
+    so.intra_op_num_threads = runtime_threads()
     sess = ort.InferenceSession(ref, so, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     times = time_callable(lambda: sess.run(None, {name: x}), runs, warmup)
@@ -148,7 +149,7 @@ def profile_local(bundle_dir, runs=50, warmup=5):
         "bundle": os.path.abspath(bundle_dir),
         "target": manifest["target"]["name"],
         "input_shape": list(shape),
-        "threads": int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1)),
+        "threads": runtime_threads(),
         "latency": summarize(times),
     }
     result["per_op"], result["per_op_note"] = per_op_breakdown(bundle, x_dev)
