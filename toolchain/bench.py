@@ -60,21 +60,30 @@ def _stats(ts_ms) -> dict:
     return {"median_ms": float(np.median(a)), "min_ms": float(a.min()), "runs": int(a.size)}
 
 
-def time_interleaved(fns: dict, rounds: int, warmup: int = 2, cycles: int = 3) -> dict:
-    """{name: stats}: CYCLES passes over the functions; in each pass every function gets WARMUP
-    untimed calls, then ROUNDS / CYCLES timed calls in a row.
+def time_interleaved(fns: dict, rounds: int, warmup: int = 2, cycles: int = 3, warm_s: float = 0.1) -> dict:
+    """{name: stats}: CYCLES passes over the functions; in each pass every function waits for the
+    process to go idle (:func:`bdp.toolchain.profile.quiesce`), gets untimed calls (at least
+    WARMUP, and for at least WARM_S seconds), then ROUNDS / CYCLES timed calls in a row.
 
-    Runs of one runtime stay together within a pass: a runtime's idle worker threads spin for a
-    while after each call (onnxruntime, OpenMP in PyTorch), and calls interleaved one by one would
-    time each runtime against the previous one's spinning threads. Repeating the passes spreads
-    any change of the machine's load over all runtimes.
+    Runs of one runtime stay together within a pass, after the others' threads have stopped: a
+    runtime's idle worker threads spin for a while after each call (TVM's thread pool,
+    onnxruntime's, OpenMP in PyTorch), and a runtime timed while another one's threads spin gets
+    fewer cores. The warm-up is timed, not counted: a worker thread woken from sleep may start on
+    the caller's core, and on this 2-core VM a 0.14 ms layer then ran at half speed (both threads
+    on one core) until the scheduler moved one, some milliseconds later. Repeating the passes
+    spreads any change of the machine's load over all runtimes.
     """
+    from .profile import quiesce
+
     times = {k: [] for k in fns}
     per = max(1, -(-rounds // cycles))
     for _ in range(cycles if rounds > 1 else 1):
         for k, f in fns.items():
-            for _ in range(warmup):
+            quiesce()
+            t_end, n = time.perf_counter() + warm_s, 0
+            while n < warmup or (time.perf_counter() < t_end and n < 1000):
                 f()
+                n += 1
             for _ in range(per):
                 t = time.perf_counter()
                 f()
@@ -110,13 +119,9 @@ def _versions() -> dict:
 
 
 def _ort_session(model_or_path, threads):
-    import onnxruntime as ort
+    from .profile import ort_session
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = threads
-    src = model_or_path.SerializeToString() if hasattr(model_or_path, "SerializeToString") else model_or_path
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    return ort_session(model_or_path, threads)
 
 
 # ---------------------------------------------------------------------------------------------

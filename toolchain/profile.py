@@ -31,9 +31,14 @@ def summarize(times_ms) -> dict:
     }
 
 
-def time_callable(fn, runs, warmup):
-    for _ in range(warmup):
+def time_callable(fn, runs, warmup, warm_s=0.1):
+    """RUNS timings (ms) of FN after the process has gone idle (:func:`quiesce`) and a warm-up
+    of at least WARMUP calls and WARM_S seconds (see :func:`bdp.toolchain.bench.time_interleaved`)."""
+    quiesce()
+    t_end, n = time.perf_counter() + warm_s, 0
+    while n < warmup or (time.perf_counter() < t_end and n < 1000):
         fn()
+        n += 1
     out = []
     for _ in range(runs):
         t = time.perf_counter()
@@ -119,16 +124,40 @@ def per_op_breakdown(bundle, x_dev, repeat=15) -> tuple[list, str]:
     return rows, note
 
 
-def fp32_baseline(bundle_dir, manifest, x, runs, warmup):
-    ref = os.path.join(bundle_dir, "reference.onnx")
-    if not os.path.isfile(ref):
-        return None, "bundle compiled with --no-reference: no FP32 model to time"
+def ort_session(model_or_path, threads):
+    """An onnxruntime CPU session for the FP32 baseline: THREADS intra-op threads, onnxruntime's
+    defaults otherwise (graph optimizations on, workers spinning between runs)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    so.intra_op_num_threads = runtime_threads()
-    sess = ort.InferenceSession(ref, so, providers=["CPUExecutionProvider"])
+    so.intra_op_num_threads = threads
+    src = model_or_path.SerializeToString() if hasattr(model_or_path, "SerializeToString") else model_or_path
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def quiesce(max_wait=2.0, window=0.02, busy=0.05):
+    """Sleep until this process's other threads stop using the CPU (at most MAX_WAIT seconds).
+
+    Runtimes keep their worker threads spinning for a while after a call: TVM's thread pool for
+    about 300000 ``sched_yield`` calls (~0.15 s here), onnxruntime's and OpenMP's for tens of
+    milliseconds. A runtime timed in that window shares its cores with another one's spinning
+    threads. Returns the seconds waited.
+    """
+    t0 = time.perf_counter()
+    while True:
+        c0, w0 = time.process_time(), time.perf_counter()
+        time.sleep(window)
+        used = (time.process_time() - c0) / max(time.perf_counter() - w0, 1e-9)
+        if used < busy or time.perf_counter() - t0 >= max_wait:
+            return time.perf_counter() - t0
+
+
+def fp32_baseline(bundle_dir, manifest, x, runs, warmup):
+    ref = os.path.join(bundle_dir, "reference.onnx")
+    if not os.path.isfile(ref):
+        return None, "bundle compiled with --no-reference: no FP32 model to time"
+    sess = ort_session(ref, runtime_threads())
     name = sess.get_inputs()[0].name
     times = time_callable(lambda: sess.run(None, {name: x}), runs, warmup)
     return summarize(times), None
