@@ -919,6 +919,12 @@ def _phase_split_strided_reads(sch, block, x_var, reuse=None):
                 continue  # a copy of its own would cost more than the strided reads it saves
             pblk = prod[0] if prod else sch.cache_read(block, i, "global")
             sch.transform_layout(pblk, ("write", 0), _phase_split_map(stride, len(buf.shape)))
+            try:
+                # iterate the copy in its new layout: contiguous (vector) writes, strided reads,
+                # instead of a scatter of every vector it writes
+                sch.transform_block_layout(pblk, _phase_split_map(stride, len(sch.get_loops(pblk))))
+            except Exception:
+                pass
         except Exception:
             continue
         stmt = sch.get(block)
