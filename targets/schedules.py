@@ -85,6 +85,7 @@ from __future__ import annotations
 
 import os
 
+from .fastmath import rewrite_exp
 from .lower import BDP_KERNEL_ATTR
 
 # ---------------------------------------------------------------------------------------------
@@ -1068,6 +1069,26 @@ def _fuse_consumers(sch, loc):
                 continue
 
 
+def _ops_per_step(stmt) -> float:
+    """Arithmetic operations in one execution of block STMT's body, over the two of a
+    multiply-accumulate (1 for a conv's update; about 15 for a sum of exps, whose exp is a
+    polynomial, see :mod:`bdp.targets.fastmath`)."""
+    import tvm
+    import tvm_ffi
+    from tvm import tirx
+
+    n = [0]
+
+    def count(_node):
+        n[0] += 1
+
+    kinds = tuple(k for k in (getattr(tirx, name, None) for name in
+                              ("Add", "Sub", "Mul", "Div", "Max", "Min", "Select", "FloorDiv", "FloorMod"))
+                  if k is not None) + (tvm.ir.Call,)
+    tvm_ffi.structural_walk(stmt.body, (kinds, count), order="post")
+    return max(1.0, n[0] / 2.0)
+
+
 def _parallel_outer(sch, outer, macs):
     first = next((i for i, lp in enumerate(outer) if (_extent(sch, lp) or 2) > 1), None)
     if first is None or macs < PARALLEL_MIN_MACS:
@@ -1103,6 +1124,7 @@ def _tile_reduction(sch, block, lanes, regs, ctx):
     macs = 1
     for lp in s_loops + r_loops:
         macs *= _extent(sch, lp) or 1
+    work = macs * _ops_per_step(stmt)  # what decides parallel loops: exps cost more than MACs
     x_loop = s_loops[-1]
     xext = _extent(sch, x_loop)
     wregion = stmt.writes[0].region
@@ -1150,7 +1172,7 @@ def _tile_reduction(sch, block, lanes, regs, ctx):
         _fuse_consumers(sch, loc)
         wl = _loops_below(sch, loc, outer[-1])
         _vectorize_if(sch, wl[-1] if wl else None, lo=4)
-        _parallel_outer(sch, outer, macs)
+        _parallel_outer(sch, outer, work)
         if (_extent(sch, xi) or 1) > 1:
             sch.unroll(xi)
         _vectorize_if(sch, u_in)
@@ -1181,7 +1203,7 @@ def _tile_reduction(sch, block, lanes, regs, ctx):
     _fuse_consumers(sch, loc)
     wl = _loops_below(sch, loc, outer[-1])
     _vectorize_if(sch, wl[-1] if wl else None)
-    _parallel_outer(sch, outer, macs)
+    _parallel_outer(sch, outer, work)
     if u_in is not None:
         sch.unroll(u_in)
     _vectorize_if(sch, xi)
@@ -1377,6 +1399,7 @@ def float_schedule_pass(spec):
                 continue
             if func.attrs is not None and "tir.is_scheduled" in func.attrs and bool(func.attrs["tir.is_scheduled"]):
                 continue
+            func = rewrite_exp(func)  # vector exp / sigmoid instead of one expf call per lane
             p = bdp_kernel_params(func)
             if p is not None:  # a bdp kernel, with its fused epilogue
                 out[gv] = schedule_binary_conv(func, spec, p).with_attr("tir.is_scheduled", True)

@@ -222,6 +222,60 @@ def test_float_schedules_match_onnxruntime_and_schedule_everything(target):
     assert any("conv2d_transpose" in n for n in names) and any("softmax" in n for n in names)
 
 
+def _exp_net():
+    """Exp, Sigmoid and a Softmax over a non-innermost axis (MTI-Net's task attention), on values
+    from -100 to 100 (past both ends of float32's exp)."""
+    nodes = [helper.make_node("Exp", ["x"], ["e"]), helper.make_node("Sigmoid", ["x"], ["s"]),
+             helper.make_node("Softmax", ["x"], ["sm0"], axis=1), helper.make_node("Mul", ["sm0", "x"], ["sm"])]
+    shape = [1, 4, 16, 50]
+    graph = helper.make_graph(nodes, "expnet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("e", "s", "sm")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = np.concatenate([np.linspace(-100, 100, 1601, dtype=np.float32),
+                        np.random.default_rng(2).uniform(-20, 20, 4 * 16 * 50 - 1601).astype(np.float32)])
+    return model, x.reshape(shape)
+
+
+@pytest.mark.parametrize("target", ["x86", "rpi4"])
+def test_exp_and_sigmoid_are_vector_code_and_match_onnxruntime(target):
+    """exp / sigmoid become a polynomial in vector registers (bdp.targets.fastmath), not one
+    expf library call per lane; the results agree with float64 numpy to a few ulp and with
+    onnxruntime to float round-off, including overflow to inf and underflow to 0."""
+    import tvm
+    from tvm import relax
+
+    from bdp.passes.core import run_onnxruntime
+    from bdp.targets.lower import build, import_onnx
+    from bdp.targets.spec import get_target
+
+    model, x = _exp_net()
+    ex = build(import_onnx(model, {"x": list(x.shape)}), get_target(target))
+    asm = _llvm_source(ex, "asm")
+    assert not re.search(r"\bexpf\b", asm), "exp left as a library call"
+    if target != "x86":
+        return  # AArch64: code checked here; results under qemu in the zoo tests
+    x64 = x.astype(np.float64)
+    with np.errstate(over="ignore"):
+        e = np.exp(x64)
+        sm = np.exp(x64 - x64.max(axis=1, keepdims=True))
+    want = [e, 1.0 / (1.0 + np.exp(-x64)), sm / sm.sum(axis=1, keepdims=True) * x64]
+    # onnxruntime agrees where its own sigmoid is exact (MLAS clamps the input to [-18, 18])
+    ort = run_onnxruntime(model, {"x": x})
+    got = [g.numpy() for g in relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x))]
+    for g, w, o, name in zip(got, want, ort, ("exp", "sigmoid", "softmax")):
+        assert np.array_equal(np.isinf(g), np.isinf(w.astype(np.float32))), name
+        inside = (np.abs(x) < 18) if name == "sigmoid" else np.isfinite(o)
+        assert float(np.abs(g[inside] - o[inside]).max()) <= 1e-6 * max(1.0, float(np.abs(o[inside]).max())), name
+        if name == "softmax":
+            continue  # float32 rounding of x - max (up to 4e-6 relative here) is in both
+        normal = np.isfinite(w) & (np.abs(w) > 1.2e-38) & (np.abs(w) < 3.4e38)
+        rel = np.abs(g[normal] - w[normal]) / np.abs(w[normal])
+        assert float(rel.max()) < 1e-6, (name, float(rel.max()))  # float round-off (a few ulp)
+        tiny = np.abs(w) <= 1.2e-38
+        assert float(np.abs(g[tiny] - w[tiny]).max(initial=0)) < 1.2e-38, name  # subnormals flushed
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA and AArch64 code generation
 
