@@ -1010,9 +1010,15 @@ def _relayout_plan(stmt, u_var):
 
 def _relayout_cost_ok(sch, block, u_var, ctx, macs):
     """Copies made at run time must be cheap next to the block's work (weights move at compile time)."""
+    copied = _relayout_copied(sch, block, u_var, ctx)
+    return copied is not None and copied * 8 <= macs
+
+
+def _relayout_copied(sch, block, u_var, ctx):
+    """Elements copied at run time to put U_VAR's dimension innermost (None: not possible)."""
     plan = _relayout_plan(sch.get(block), u_var)
     if plan is None:
-        return False
+        return None
     params = list(sch.mod["main"].params)
     copied = 0
     for _, buf, d, nd in plan:
@@ -1025,7 +1031,7 @@ def _relayout_cost_ok(sch, block, u_var, ctx, macs):
         for e in buf.shape:
             n *= int(e)
         copied += n
-    return copied * 8 <= macs
+    return copied
 
 
 def _relayout_innermost(sch, block, u_var, ctx):
@@ -1082,9 +1088,8 @@ def _ops_per_step(stmt) -> float:
     def count(_node):
         n[0] += 1
 
-    kinds = tuple(k for k in (getattr(tirx, name, None) for name in
-                              ("Add", "Sub", "Mul", "Div", "Max", "Min", "Select", "FloorDiv", "FloorMod"))
-                  if k is not None) + (tvm.ir.Call,)
+    kinds = (tirx.Add, tirx.Sub, tirx.Mul, tirx.Div, tirx.Max, tirx.Min, tirx.Select, tirx.FloorDiv,
+             tirx.FloorMod, tvm.ir.Call)
     tvm_ffi.structural_walk(stmt.body, (kinds, count), order="post")
     return max(1.0, n[0] / 2.0)
 
@@ -1137,12 +1142,15 @@ def _tile_reduction(sch, block, lanes, regs, ctx):
     orient = "x"
     if xv is None or xv < lanes:
         # a vector over another output axis whose operands can be re-laid out with it innermost
-        cands = [(int(iv.dom.extent), i) for i, iv in enumerate(stmt.iter_vars[: ns - 1])
+        # prefer an axis whose operands are constants (re-laid out at compile time, no copy):
+        # a 1x1 conv's output channels rather than its rows
+        cands = [(_relayout_copied(sch, block, iv.var, ctx) == 0, int(iv.dom.extent), i)
+                 for i, iv in enumerate(stmt.iter_vars[: ns - 1])
                  if int(iv.dom.extent) % lanes == 0 and iv.var in _vars_in(wregion[i].min)
                  and _relayout_cost_ok(sch, block, iv.var, ctx, macs)]
         if cands:
             orient = "u"
-            ui = max(cands)[1]
+            ui = max(cands)[2]
             uext = _extent(sch, s_loops[ui]) or 1
     if orient == "x" and xv is None:
         return False

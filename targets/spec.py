@@ -85,10 +85,6 @@ def configure_runtime_threads() -> int:
     return n
 
 
-def _threads() -> int:
-    return runtime_threads()
-
-
 def get_target(name: str) -> TargetSpec:
     """The TargetSpec for a user-facing target name; InputError for an unknown one."""
     host_is_x86 = platform.machine().lower() in ("x86_64", "amd64")
@@ -96,15 +92,15 @@ def get_target(name: str) -> TargetSpec:
     if name == "x86":
         mcpu, isa = host_x86_mcpu() if host_is_x86 else ("x86-64", "popcnt")
         return TargetSpec("x86", {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu,
-                                  "num-cores": _threads()}, "x86_64",
+                                  "num-cores": runtime_threads()}, "x86_64",
                           f"this host's best x86-64 ISA ({mcpu})", host_runnable=host_is_x86, popcount_isa=isa)
     if name == "x86-avx2":
         return TargetSpec(name, {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell",
-                                 "num-cores": _threads()}, "x86_64", "x86-64 with AVX2 (Haswell and newer)",
+                                 "num-cores": runtime_threads()}, "x86_64", "x86-64 with AVX2 (Haswell and newer)",
                           host_runnable=host_is_x86 and "avx2" in _cpu_flags(), popcount_isa="avx2")
     if name == "x86-avx512":
         return TargetSpec(name, {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "icelake-server",
-                                 "num-cores": _threads()}, "x86_64",
+                                 "num-cores": runtime_threads()}, "x86_64",
                           "x86-64 with AVX-512 and VPOPCNTDQ (Ice Lake server and newer)",
                           host_runnable=host_is_x86 and "avx512_vpopcntdq" in _cpu_flags(),
                           popcount_isa="avx512-vpopcntdq")

@@ -39,6 +39,8 @@ import time
 
 import numpy as np
 
+from .profile import ort_session, warm_up
+
 LAYER_SHAPES = [(64, 64, 80), (128, 32, 40), (256, 16, 20), (512, 8, 10)]  # C, H, W
 MODEL_INPUT = (1, 3, 256, 320)
 TARGETS = {"layer_geomean": 8.0, "layer_each": 5.0, "model_each": 4.0, "weights_ratio": 20.0,
@@ -68,22 +70,14 @@ def time_interleaved(fns: dict, rounds: int, warmup: int = 2, cycles: int = 3, w
     Runs of one runtime stay together within a pass, after the others' threads have stopped: a
     runtime's idle worker threads spin for a while after each call (TVM's thread pool,
     onnxruntime's, OpenMP in PyTorch), and a runtime timed while another one's threads spin gets
-    fewer cores. The warm-up is timed, not counted: a worker thread woken from sleep may start on
-    the caller's core, and on this 2-core VM a 0.14 ms layer then ran at half speed (both threads
-    on one core) until the scheduler moved one, some milliseconds later. Repeating the passes
-    spreads any change of the machine's load over all runtimes.
+    fewer cores. The warm-up is timed, not counted (see :func:`bdp.toolchain.profile.warm_up`).
+    Repeating the passes spreads any change of the machine's load over all runtimes.
     """
-    from .profile import quiesce
-
     times = {k: [] for k in fns}
     per = max(1, -(-rounds // cycles))
     for _ in range(cycles if rounds > 1 else 1):
         for k, f in fns.items():
-            quiesce()
-            t_end, n = time.perf_counter() + warm_s, 0
-            while n < warmup or (time.perf_counter() < t_end and n < 1000):
-                f()
-                n += 1
+            warm_up(f, warmup, warm_s)
             for _ in range(per):
                 t = time.perf_counter()
                 f()
@@ -116,12 +110,6 @@ def _versions() -> dict:
 
     return {"bdp": bdp.__version__, "tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__,
             "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()}
-
-
-def _ort_session(model_or_path, threads):
-    from .profile import ort_session
-
-    return ort_session(model_or_path, threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,11 +185,11 @@ def bench_layer(c, h, w, *, threads, rounds, slow_rounds, spec):
     row["bdp_plan"] = dict(binary_conv_plan(p, spec), word=p.word)
     run_bin, out_bin = _vm_callable(ex_bin, x)
 
-    ref_bin = _ort_session(bin_model, threads).run(None, {"x": x})[0]
+    ref_bin = ort_session(bin_model, threads).run(None, {"x": x})[0]
     got = out_bin()
     row["bdp_max_rel_diff_vs_onnxruntime"] = float(np.abs(got - ref_bin).max() / max(1e-12, np.abs(ref_bin).max()))
 
-    ort_float = _ort_session(float_model, threads)
+    ort_float = ort_session(float_model, threads)
     ex_sched = build(import_onnx(float_model, {"x": list(x.shape)}), spec)
     run_sched, out_sched = _vm_callable(ex_sched, x)
     want_f = ort_float.run(None, {"x": x})[0]
@@ -288,7 +276,7 @@ def bench_model(arch, workdir, *, threads, rounds):
     bundle = load_bundle(out)
     x = np.random.default_rng(0).standard_normal(MODEL_INPUT).astype(np.float32)
     x_dev = bundle.to_device(x)
-    sess = _ort_session(ref, threads)
+    sess = ort_session(ref, threads)
     name = sess.get_inputs()[0].name
     got = bundle(x)
     want = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {name: x})))

@@ -31,14 +31,21 @@ def summarize(times_ms) -> dict:
     }
 
 
-def time_callable(fn, runs, warmup, warm_s=0.1):
-    """RUNS timings (ms) of FN after the process has gone idle (:func:`quiesce`) and a warm-up
-    of at least WARMUP calls and WARM_S seconds (see :func:`bdp.toolchain.bench.time_interleaved`)."""
+def warm_up(fn, warmup, warm_s=0.1):
+    """Wait for the process to go idle (:func:`quiesce`), then call FN at least WARMUP times and
+    for at least WARM_S seconds: a worker thread woken from sleep may start on the caller's core,
+    and on a 2-core VM a 0.14 ms layer then ran at half speed (both threads on one core) until
+    the scheduler moved one, some milliseconds later."""
     quiesce()
     t_end, n = time.perf_counter() + warm_s, 0
     while n < warmup or (time.perf_counter() < t_end and n < 1000):
         fn()
         n += 1
+
+
+def time_callable(fn, runs, warmup):
+    """RUNS timings (ms) of FN after :func:`warm_up`."""
+    warm_up(fn, warmup)
     out = []
     for _ in range(runs):
         t = time.perf_counter()
