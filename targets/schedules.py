@@ -1008,12 +1008,6 @@ def _relayout_plan(stmt, u_var):
     return plan
 
 
-def _relayout_cost_ok(sch, block, u_var, ctx, macs):
-    """Copies made at run time must be cheap next to the block's work (weights move at compile time)."""
-    copied = _relayout_copied(sch, block, u_var, ctx)
-    return copied is not None and copied * 8 <= macs
-
-
 def _relayout_copied(sch, block, u_var, ctx):
     """Elements copied at run time to put U_VAR's dimension innermost (None: not possible)."""
     plan = _relayout_plan(sch.get(block), u_var)
@@ -1141,13 +1135,17 @@ def _tile_reduction(sch, block, lanes, regs, ctx):
     uext = (_extent(sch, s_loops[ui]) or 1) if ui is not None else 1
     orient = "x"
     if xv is None or xv < lanes:
-        # a vector over another output axis whose operands can be re-laid out with it innermost
-        # prefer an axis whose operands are constants (re-laid out at compile time, no copy):
-        # a 1x1 conv's output channels rather than its rows
-        cands = [(_relayout_copied(sch, block, iv.var, ctx) == 0, int(iv.dom.extent), i)
-                 for i, iv in enumerate(stmt.iter_vars[: ns - 1])
-                 if int(iv.dom.extent) % lanes == 0 and iv.var in _vars_in(wregion[i].min)
-                 and _relayout_cost_ok(sch, block, iv.var, ctx, macs)]
+        # a vector over another output axis whose operands can be re-laid out with it innermost,
+        # copies made at run time cheap next to the block's work; preferred: an axis whose
+        # operands are all constants (re-laid out at compile time, no copy), e.g. a 1x1 conv's
+        # output channels rather than its rows
+        cands = []
+        for i, iv in enumerate(stmt.iter_vars[: ns - 1]):
+            if int(iv.dom.extent) % lanes or iv.var not in _vars_in(wregion[i].min):
+                continue
+            copied = _relayout_copied(sch, block, iv.var, ctx)
+            if copied is not None and copied * 8 <= macs:
+                cands.append((copied == 0, int(iv.dom.extent), i))
         if cands:
             orient = "u"
             ui = max(cands)[2]
