@@ -4,13 +4,10 @@ Matched pattern (after canonicalisation)::
 
     X -> BINARIZE -> [Pad(constant v, H/W only)] -> Conv(W const, [B const]) -> Y
 
-BINARIZE is one of
-
-* ``Sign(X)`` (third-party exports: ``torch.sign``). ``Sign`` gives 0 at exactly 0; a packed-bit
-  kernel has no 0, so bdp reads ``sgn(0) = +1`` (Larq's and every BNN runtime's convention).
-  The two differ only on inputs that are exactly 0; the report notes every such node.
-* ``Where(GreaterOrEqual(X, t), 1, -1)`` or ``Where(Less(X, t), -1, 1)`` with a scalar constant
-  ``t`` (bdp's own export, ``torch.where(x >= t, 1., -1.)``, ste_sign spellings).
+BINARIZE is any form in the table of :mod:`bdp.passes.binarizers` (``Sign``, ``Where`` spellings,
+Larq's ``ste_sign``, QONNX ``BipolarQuant``, each optionally times a scalar constant, which folds
+into the output scale). ``Sign`` gives 0 at exactly 0; a packed-bit kernel has no 0, so bdp reads
+``sgn(0) = +1`` (Larq's and every BNN runtime's convention); the report notes every such node.
 
 W must be ``+/-alpha_m`` in each output channel m (any positive alpha, per channel; BatchNorm
 already folded in, so a negative BN scale shows up as flipped signs). Zero padding is the conv's
@@ -23,45 +20,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .canonicalize import const_value, from_gs, to_gs
+from . import binarizers
 from .core import register_pass
+from .graph import const_value, from_gs, scalar_value, to_gs
 from .ops import BINARY_CONV, DOMAIN, pack_signs
-
-
-def _scalar(t):
-    """The value of a constant whose elements are all equal (a scalar, or a folded ones_like)."""
-    v = const_value(t)
-    if v is None or v.size == 0:
-        return None
-    first = v.reshape(-1)[0]
-    if v.size > 1 and not np.all(v == first):
-        return None
-    return float(first)
-
-
-def match_binarizer(t: gs.Tensor):
-    """If tensor T is the output of a recognised binarizer: (input tensor, threshold, node, kind)."""
-    if len(t.inputs) != 1:
-        return None
-    n = t.inputs[0]
-    if n.op == "Sign":
-        return n.inputs[0], 0.0, n, "Sign"
-    if n.op == "Where" and len(n.inputs) == 3:
-        cond, a, b = n.inputs
-        av, bv = _scalar(a), _scalar(b)
-        if av is None or bv is None or len(cond.inputs) != 1:
-            return None
-        c = cond.inputs[0]
-        if c.op not in ("GreaterOrEqual", "Less") or len(c.inputs) != 2:
-            return None
-        thr = _scalar(c.inputs[1])
-        if thr is None:
-            return None
-        if c.op == "GreaterOrEqual" and (av, bv) == (1.0, -1.0):
-            return c.inputs[0], thr, n, "Where(x>=t)"
-        if c.op == "Less" and (av, bv) == (-1.0, 1.0):
-            return c.inputs[0], thr, n, "Where(x<t)"
-    return None
 
 
 def _pad_attrs(pad: gs.Node):
@@ -74,7 +36,7 @@ def _pad_attrs(pad: gs.Node):
     pads = [int(p) for p in pads.reshape(-1)]
     value = 0.0
     if len(pad.inputs) > 2 and pad.inputs[2].name:
-        value = _scalar(pad.inputs[2])
+        value = scalar_value(pad.inputs[2])
         if value is None:
             return None
     axes = None
@@ -135,22 +97,12 @@ def _try_fuse(graph, conv, report, pass_name):
             return "input Pad is not a constant pad of H/W"
         pad_value, pre_pads = pa
         x = pad_node.inputs[0]
-    act_scale = 1.0
-    m = match_binarizer(x)
-    if m is None and len(x.inputs) == 1 and x.inputs[0].op == "Mul":
-        # a scaled binarizer: s * sgn(x) (QONNX BipolarQuant, XNOR-Net's activation scale)
-        mul = x.inputs[0]
-        for a, b in ((0, 1), (1, 0)):
-            s = _scalar(mul.inputs[b])
-            mm = match_binarizer(mul.inputs[a])
-            if s is not None and s != 0.0 and mm is not None:
-                m, act_scale = mm, s
-                break
-    if m is None:
+    bz = binarizers.match(x) if isinstance(x, gs.Variable) else None
+    if bz is None:
         if pad_node is None and len(x.inputs) == 1 and x.inputs[0].op == "Mul":
             return "input is a binarized tensor times a non-scalar scale (per-channel activation scale does not factor out of the binary dot product)"
         return "" if pad_node is None else "input is not binarized"
-    src, thr, bin_node, kind = m
+    src, thr, act_scale, kind = bz.src, bz.threshold, bz.scale, bz.kind
     pad_value = pad_value / act_scale
     if pad_value not in (0.0, 1.0, -1.0):
         return f"Pad value {pad_value * act_scale:g} is not 0, +/-1 (times the activation scale) in the sign domain"
@@ -211,7 +163,7 @@ def _try_fuse(graph, conv, report, pass_name):
     report.fuse(pass_name, name, what)
     if act_scale != 1.0:
         report.fuse(pass_name, name, f"activation scale {act_scale:g} folded into the output scale")
-    if kind == "Sign":
+    if bz.zero_is_zero:
         report.notes.append(f"{name}: Sign read as sgn(0)=+1 (differs from ONNX Sign only where the input is exactly 0)")
     return None
 
@@ -228,7 +180,7 @@ def report_float(model, report):
     for n in graph.nodes:
         if n.domain == BDP or n.op not in ("Conv", "ConvTranspose", "MatMul", "Gemm") or n.name in report.left_float:
             continue
-        binarized = any(match_binarizer(t) is not None for t in n.inputs[:2] if isinstance(t, gs.Variable))
+        binarized = any(binarizers.match(t) is not None for t in n.inputs[:2] if isinstance(t, gs.Variable))
         if binarized and n.op != "Conv":
             report.leave(n.name, n.op, f"binarized {n.op}: bdp has no packed-bit kernel for it yet (runs in float)")
         else:

@@ -12,37 +12,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .core import register_pass
-
-
-def to_gs(model: onnx.ModelProto) -> gs.Graph:
-    return gs.import_onnx(model)
-
-
-def from_gs(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    out = gs.export_onnx(graph, do_type_check=False)
-    out.ir_version = like.ir_version
-    del out.opset_import[:]
-    out.opset_import.extend(like.opset_import)
-    have = {(f.domain, f.name) for f in out.functions}  # gs carries model-local functions over itself
-    out.functions.extend(f for f in like.functions if (f.domain, f.name) not in have)
-    out.producer_name = like.producer_name or "bdp"
-    for p in like.metadata_props:
-        out.metadata_props.add(key=p.key, value=p.value)
-    return out
-
-
-def const_value(t):
-    """numpy value of a gs tensor if it is a constant (initializer or Constant node), else None."""
-    if isinstance(t, gs.Constant):
-        return np.asarray(t.values)
-    if isinstance(t, gs.Variable) and len(t.inputs) == 1 and t.inputs[0].op == "Constant":
-        v = t.inputs[0].attrs.get("value")
-        if isinstance(v, gs.Constant):
-            return np.asarray(v.values)
-        if v is not None:
-            return np.asarray(v)
-    return None
+from .graph import const_value, fold_bn, from_gs, to_gs
 
 
 @register_pass("name-nodes", "give every node a unique name (reports and errors name nodes)")
@@ -85,22 +55,18 @@ def fold_batchnorm(model, report):
         x = bn.inputs[0]
         if len(x.inputs) != 1 or x.inputs[0].op != "Conv" or len(x.outputs) != 1 or len(bn.outputs) != 1:
             continue
-        if bn.attrs.get("training_mode", 0):
-            continue
         conv = x.inputs[0]
         w = const_value(conv.inputs[1])
-        vals = [const_value(t) for t in bn.inputs[1:5]]
-        if w is None or any(v is None for v in vals):
+        folded = fold_bn(bn)
+        if w is None or folded is None:
             continue
-        gamma, beta, mean, var = (v.astype(np.float64) for v in vals)
-        eps = float(bn.attrs.get("epsilon", 1e-5))
-        s = gamma / np.sqrt(var + eps)
+        s, shift = folded
         b = const_value(conv.inputs[2]) if len(conv.inputs) > 2 else None
         b = np.zeros(w.shape[0]) if b is None else b.astype(np.float64)
         # W' = W * s per output channel. Multiply in float32 so that a channel of equal |W|
         # stays a channel of equal |W'| (every element sees the same product).
         w_new = (w.astype(np.float32) * s.astype(np.float32).reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
-        b_new = ((b - mean) * s + beta).astype(np.float32)
+        b_new = shift(b).astype(np.float32)
         conv.inputs[1] = gs.Constant(conv.name + "_W_bn", w_new)
         if len(conv.inputs) > 2:
             conv.inputs[2] = gs.Constant(conv.name + "_B_bn", b_new)

@@ -201,8 +201,9 @@ def _scalar_consts(model) -> dict:
 
 def _sign_readers(model, name, consts=None):
     """The threshold at which every reader of tensor NAME binarizes it, when all of them do so at
-    one threshold (``bdp.BinaryConv`` reading it as X, ``GreaterOrEqual``/``Less`` against a
-    constant, ``Sign``: 0) and it is not a graph output; else None."""
+    one threshold (``bdp.BinaryConv`` reading it as X, or the first node of any binarizer form of
+    :mod:`bdp.passes.binarizers`) and it is not a graph output; else None."""
+    from .binarizers import reader_threshold
     from .ops import BINARY_CONV, DOMAIN
 
     if name in {o.name for o in model.graph.output}:
@@ -212,16 +213,16 @@ def _sign_readers(model, name, consts=None):
     for n in model.graph.node:
         if name not in n.input:
             continue
-        if list(n.input).count(name) != 1 or n.input[0] != name:
+        if list(n.input).count(name) != 1:
             return None
-        if n.domain == DOMAIN and n.op_type == BINARY_CONV:
+        index = list(n.input).index(name)
+        if n.domain == DOMAIN and n.op_type == BINARY_CONV and index == 0:
             ts.add(next((a.f for a in n.attribute if a.name == "act_threshold"), 0.0))
-        elif n.op_type in ("GreaterOrEqual", "Less") and n.domain in ("", "ai.onnx") and n.input[1] in consts:
-            ts.add(consts[n.input[1]])
-        elif n.op_type == "Sign" and n.domain in ("", "ai.onnx"):
-            ts.add(0.0)
-        else:
+            continue
+        t = reader_threshold(n, index, consts)
+        if t is None:
             return None
+        ts.add(t)
     return ts.pop() if len(ts) == 1 else None
 
 

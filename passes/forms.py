@@ -13,11 +13,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .canonicalize import const_value, from_gs, to_gs
+from .binarizers import QONNX_DOMAINS
 from .core import register_pass
+from .graph import const_value, fold_bn, from_gs, per_channel, to_gs
 from .ops import BINARY_CONV, DOMAIN
-
-QONNX_DOMAINS = ("qonnx.custom_op.general", "finn.custom_op.general", "onnx.brevitas")
 
 
 @register_pass("qonnx-to-standard", "QONNX BipolarQuant(X, scale) -> Where(X >= 0, 1, -1) * scale (standard ops)")
@@ -44,20 +43,6 @@ def qonnx_to_standard(model, report):
     return out
 
 
-def _per_channel(v, m):
-    """A constant that broadcasts over [N, M, H, W] per channel (scalar, or shape [1, M, 1, 1] /
-    [M, 1, 1] by ONNX broadcasting) -> float32 [M]; anything else -> None."""
-    if v is None:
-        return None
-    v = np.asarray(v, np.float32)
-    if v.size == 1 and v.ndim <= 4:
-        return np.full(m, float(v.reshape(-1)[0]), np.float32)
-    shape = (1,) * (4 - v.ndim) + tuple(v.shape) if v.ndim <= 4 else None
-    if shape == (1, m, 1, 1):
-        return v.reshape(m)
-    return None
-
-
 @register_pass("fold-binary-glue", "fold per-channel Mul/Div/Add/Sub and BatchNorm after bdp.BinaryConv into its scale and bias")
 def fold_binary_glue(model, report):
     graph = to_gs(model)
@@ -75,7 +60,7 @@ def fold_binary_glue(model, report):
             m = scale.size
             if nxt.op in ("Mul", "Div", "Add", "Sub") and len(nxt.inputs) == 2:
                 other = nxt.inputs[1] if nxt.inputs[0] is y else nxt.inputs[0]
-                c = _per_channel(const_value(other), m)
+                c = per_channel(const_value(other), m)
                 if c is None:
                     continue
                 if nxt.op == "Mul":
@@ -91,14 +76,10 @@ def fold_binary_glue(model, report):
                         scale, bias = -scale, c - bias
                 else:
                     continue
-            elif nxt.op == "BatchNormalization" and not nxt.attrs.get("training_mode", 0):
-                vals = [const_value(t) for t in nxt.inputs[1:5]]
-                if any(v is None for v in vals):
-                    continue
-                gamma, beta, mean, var = (np.asarray(v, np.float64).reshape(-1) for v in vals)
-                s = gamma / np.sqrt(var + float(nxt.attrs.get("epsilon", 1e-5)))
+            elif fold_bn(nxt) is not None:
+                s, shift = fold_bn(nxt)
                 scale = (scale * s).astype(np.float32)
-                bias = ((bias - mean) * s + beta).astype(np.float32)
+                bias = shift(bias).astype(np.float32)
             else:
                 continue
             bc.inputs[2] = gs.Constant(bc.name + f"_scale_{nxt.name}", scale.astype(np.float32))

@@ -38,10 +38,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .binary_conv import match_binarizer
-from .canonicalize import const_value, from_gs, to_gs
+from . import binarizers
 from .core import register_pass
-from .forms import _per_channel
+from .graph import const_value, from_gs, to_gs
+from .graph import per_channel as _per_channel
 from .ops import BINARY_CONV, DOMAIN
 
 # per-channel elementwise ops a chain between a binary conv and the next binarizer may hold
@@ -219,21 +219,17 @@ def fold_sign_output(model, report):
             _sign_output(a, t, cons, report, f"next binarizer (x >= {t:g})")
             changed = True
             continue
-        if len(cons) == 1 and cons[0].op in ("GreaterOrEqual", "Less") and len(cons[0].outputs[0].outputs) == 1:
-            cond = cons[0]
-            b = cond.outputs[0].outputs[0]  # the Where
-            z = b.outputs[0] if b.op == "Where" and b.outputs else None
-            m = match_binarizer(z) if z is not None else None
-            if m is not None and m[0] is y:
-                t = m[1]
-                a.attrs["out_sign"], a.attrs["out_threshold"] = 1, float(t)
-                a.outputs = [z]
-                b.outputs, b.inputs = [], []
-                cond.inputs, cond.outputs = [], []
-                report.fuse("fold-sign-output", a.name,
-                            f"binarizer {b.name} ({m[3]}, t={t:g}) folded into integer thresholds")
-                changed = True
-                continue
+        b = _sole_binarizer(y, cons)
+        if b is not None:
+            t = b.threshold
+            a.attrs["out_sign"], a.attrs["out_threshold"] = 1, float(t)
+            a.outputs = [b.out]
+            for n in b.nodes:
+                n.inputs, n.outputs = [], []
+            report.fuse("fold-sign-output", a.name,
+                        f"binarizer {b.nodes[-1].name} ({b.kind}, t={t:g}) folded into integer thresholds")
+            changed = True
+            continue
         floats = sorted({c.op for c in cons if not _is_bc(c)})
         if any(_is_bc(c) for c in cons):
             report.notes.append(f"{a.name}: output also feeds float {'/'.join(floats)} (e.g. a shortcut), "
@@ -241,6 +237,23 @@ def fold_sign_output(model, report):
     if changed:
         graph.cleanup()
     return from_gs(graph, model)
+
+
+def _sole_binarizer(y, cons):
+    """The binarizer that is everything reading Y (its nodes read nothing else of the graph and
+    nothing else reads their intermediates), when it writes exactly +/-1 with +1 at and above its
+    threshold (not ONNX ``Sign``: that gives 0 at 0, the folded form +1); else None."""
+    found = [b for b in binarizers.consumers_binarizing(y) if b.scale == 1.0 and not b.zero_is_zero]
+    if len(found) != 1:
+        return None
+    b = found[0]
+    ids = {id(n) for n in b.nodes}
+    if not all(id(c) in ids for c in cons):
+        return None
+    for n in b.nodes[:-1]:
+        if any(id(c) not in ids for o in n.outputs for c in o.outputs):
+            return None
+    return b
 
 
 def link_stats(model) -> dict:

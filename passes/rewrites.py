@@ -22,13 +22,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .binary_conv import match_binarizer
-from .canonicalize import const_value, from_gs, to_gs
+from . import binarizers
 from .core import register_pass
-
-
-def _ints(v, n, default):
-    return [int(x) for x in v] if v is not None else [default] * n
+from .graph import const_value, fold_bn, from_gs, ints as _ints, to_gs
 
 
 @register_pass("binary-convtranspose", "binarized ConvTranspose with kernel == stride -> 1x1 Conv + DepthToSpace "
@@ -38,7 +34,7 @@ def binary_convtranspose(model, report):
     outs = {t.name for t in graph.outputs}
     changed = False
     for ct in [n for n in graph.nodes if n.op == "ConvTranspose"]:
-        if not ct.inputs or not isinstance(ct.inputs[0], gs.Variable) or match_binarizer(ct.inputs[0]) is None:
+        if not ct.inputs or binarizers.match(ct.inputs[0]) is None:
             continue
         w = const_value(ct.inputs[1]) if len(ct.inputs) > 1 else None
         if w is None or w.ndim != 4:
@@ -70,14 +66,11 @@ def binary_convtranspose(model, report):
         final = y
         bn = y.outputs[0] if len(y.outputs) == 1 and y.name not in outs else None
         folded_bn = None
-        if bn is not None and bn.op == "BatchNormalization" and not bn.attrs.get("training_mode", 0):
-            vals = [const_value(t) for t in bn.inputs[1:5]]
-            if all(v is not None for v in vals):
-                gamma, beta, mean, var = (np.asarray(v, np.float64).reshape(-1) for v in vals)
-                s = gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
-                scale, bias = s, (bias - mean) * s + beta
-                final = bn.outputs[0]
-                folded_bn = bn
+        folded = fold_bn(bn) if bn is not None else None
+        if folded is not None:
+            scale, bias = folded[0], folded[1](bias)
+            final = bn.outputs[0]
+            folded_bn = bn
         # W'[(m, a, b), c] = W[c, m, a, b] * scale[m]
         w2 = (np.asarray(w, np.float64) * scale.reshape(1, mg, 1, 1)).transpose(1, 2, 3, 0).reshape(mg * k * k, cin, 1, 1)
         b2 = np.repeat(bias, k * k)
@@ -111,41 +104,21 @@ def sink_binarizer_maxpool(model, report):
         if len(mp.outputs) != 1 or not isinstance(mp.inputs[0], gs.Variable):
             continue
         bt = mp.inputs[0]
-        m = match_binarizer(bt)
-        if m is None or m[3] == "Sign" or bt.name in outs or len(bt.outputs) != 1:
-            continue  # ONNX Sign(0) = 0 is not a threshold map; a shared binarizer output stays
-        src, _, where, _ = m
-        cond = where.inputs[0].inputs[0]
-        if len(where.inputs[0].outputs) != 1:
-            continue
+        b = binarizers.match(bt)
+        if b is None or not b.increasing or bt.name in outs:
+            continue  # max commutes with increasing maps only
         pooled = gs.Variable(mp.name + "_pre", dtype=np.float32)
         y = mp.outputs[0]
-        # MaxPool now reads the pre-activation, the binarizer reads the pool
-        mp.inputs[0] = src
-        mp.outputs = [pooled]
-        cond.inputs[0] = pooled
-        where.outputs = [y]
-        report.fuse("sink-binarizer-maxpool", mp.name, f"binarizer {where.name} moved after the max-pool")
+        # the pool reads the pre-activation, a fresh binarizer of the same form reads the pool
+        pool = gs.Node("MaxPool", name=mp.name, attrs=dict(mp.attrs), inputs=[b.src], outputs=[pooled])
+        mp.inputs, mp.outputs = [], []
+        graph.nodes.append(pool)
+        binarizers.emit(graph, pooled, b, mp.name + "_bin", out=y)
+        report.fuse("sink-binarizer-maxpool", mp.name, f"binarizer ({b.kind}) moved after the max-pool")
         changed = True
     if changed:
         graph.cleanup()
     return from_gs(graph, model)
-
-
-def _rebinarize(graph, src: gs.Variable, match, name):
-    """A fresh binarizer of the same kind as MATCH (from match_binarizer) applied to SRC."""
-    _, thr, _, kind = match
-    out = gs.Variable(name, dtype=np.float32)
-    if kind == "Sign":
-        graph.nodes.append(gs.Node("Sign", name=name + "_sign", inputs=[src], outputs=[out]))
-        return out
-    ge = gs.Variable(name + "_ge", dtype=bool)
-    graph.nodes.append(gs.Node("GreaterOrEqual", name=name + "_cmp",
-                               inputs=[src, gs.Constant(name + "_t", np.array(thr, np.float32))], outputs=[ge]))
-    graph.nodes.append(gs.Node("Where", name=name + "_where",
-                               inputs=[ge, gs.Constant(name + "_p1", np.array(1.0, np.float32)),
-                                       gs.Constant(name + "_m1", np.array(-1.0, np.float32))], outputs=[out]))
-    return out
 
 
 def _node(graph, op, inputs, name, **attrs):
@@ -178,7 +151,7 @@ def binary_matmul(model, report):
         a_in = mm.inputs[0]
         if not isinstance(a_in, gs.Variable):
             continue
-        m = match_binarizer(a_in)
+        m = binarizers.match(a_in)
         if m is None:
             continue
         w = const_value(mm.inputs[1])
@@ -213,7 +186,7 @@ def binary_matmul(model, report):
         if why:
             report.leave(mm.name, mm.op, f"binarized {mm.op}: {why}; runs in float")
             continue
-        src = m[0]
+        src = m.src
         name = mm.name
         k, mdim = wt.shape[1], wt.shape[0]
         if rank == 2:
@@ -221,7 +194,7 @@ def binary_matmul(model, report):
         else:
             xt = _node(graph, "Transpose", [src], name + "_xt", perm=[0, 2, 1])
             x4 = _node(graph, "Unsqueeze", [xt, gs.Constant(name + "_ax3", np.array([3], np.int64))], name + "_x4")
-        xb = _rebinarize(graph, x4, m, name + "_xb")
+        xb = binarizers.emit(graph, x4, m, name + "_xb")
         ins = [xb, gs.Constant(name + "_w1x1", wt.reshape(mdim, k, 1, 1).astype(np.float32))]
         if bias is not None:
             ins.append(gs.Constant(name + "_b1x1", bias.astype(np.float32)))
@@ -286,7 +259,7 @@ def factor_sample_scale(model, report):
         mul = t.inputs[0]
         pair = None
         for a, b in ((0, 1), (1, 0)):
-            if isinstance(mul.inputs[a], gs.Variable) and match_binarizer(mul.inputs[a]) is not None \
+            if binarizers.match(mul.inputs[a]) is not None \
                     and _per_sample(mul.inputs[b]):
                 pair = (mul.inputs[a], mul.inputs[b])
         if pair is None:
