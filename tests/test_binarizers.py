@@ -103,7 +103,7 @@ def test_reader_threshold_agrees_with_match():
         first = model.graph.node[0]
         t = binarizers.reader_threshold(first, list(first.input).index("x"), consts)
         # Larq's ste_sign with a negative offset is x > 0; its first node, the inner Sign, reads x at 0
-        assert t == b.threshold or (b.kind == "ste_sign" and t == 0.0 == np.nextafter(b.threshold, -1)), name
+        assert t == b.threshold or (b.kind == "ste_sign" and t == 0.0 == np.nextafter(np.float32(b.threshold), np.float32(-1))), name
 
 
 def test_not_binarizers():
