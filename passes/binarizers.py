@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import const_value, scalar_value
+from .graph import scalar_value
 
 QONNX_DOMAINS = ("qonnx.custom_op.general", "finn.custom_op.general", "onnx.brevitas")
 

@@ -14,12 +14,11 @@ the bundle is checked to. Above ln(FLT_MAX) it is inf, below ln(FLT_MIN) 0 (resu
 be subnormal are flushed).
 
 :func:`rewrite_exp` replaces every float32 ``exp`` / ``sigmoid`` call of a PrimFunc with it,
-before scheduling (``BDP_FAST_EXP=0`` keeps the library calls).
+before scheduling (the compile option ``fast_exp=false`` keeps the library calls).
 """
 
 from __future__ import annotations
 
-import os
 
 _LOG2E = 1.44269504088896341
 _LN2_HI = 0.693359375
@@ -56,9 +55,10 @@ def fast_exp_expr(x):
     return tirx.Select(x < c(_X_MIN), c(0.0), y)
 
 
-def rewrite_exp(func):
-    """FUNC (a PrimFunc) with its float32 exp and sigmoid calls computed by :func:`fast_exp_expr`."""
-    if os.environ.get("BDP_FAST_EXP", "1") == "0":
+def rewrite_exp(func, enabled=True):
+    """FUNC (a PrimFunc) with its float32 exp and sigmoid calls computed by :func:`fast_exp_expr`
+    (FUNC itself when not ENABLED: the compile option ``fast_exp=false``)."""
+    if not enabled:
         return func
     import tvm
     import tvm_ffi

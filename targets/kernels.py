@@ -46,6 +46,7 @@ from tvm import te, tirx
 from bdp.passes.ops import unpack_signs
 
 WORD = 64
+BDP_KERNEL_ATTR = "bdp.kernel"  # PrimFunc attribute of bdp's kernels: "binary_conv" or "pack"
 
 
 @dataclass

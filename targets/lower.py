@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
 from bdp.errors import InputError, UnsupportedOpError
 
-BDP_KERNEL_ATTR = "bdp.kernel"
+from .kernels import BDP_KERNEL_ATTR
+from .options import DEFAULT
 
 
 def _const(expr, what):
@@ -32,13 +33,32 @@ def _const(expr, what):
 def _static_shape(expr, what):
     try:
         return [int(s) for s in expr.ty.shape]
-    except Exception:
+    except (TypeError, ValueError, AttributeError):
         raise InputError(f"{what} has a dynamic shape; pass --input-shape N,C,H,W") from None
 
 
-_LINKS: dict = {}  # node name -> (in_channels if its X arrives packed else 0, out_mode); set by bdp_frontend
-_PACK_APART: set = set()  # binary convs whose pack stage is a function of its own (see pack_apart)
 PACK_APART_PRODUCERS = ("Concat", "Resize")
+
+
+@dataclass
+class LoweringPlan:
+    """How the ``bdp`` ops of one model are lowered, decided on the ONNX graph before import.
+
+    ``links``: binary conv name -> (in_channels if its X arrives as packed bits else 0,
+    out_mode), see :func:`plan_links`; ``pack_apart``: binary convs whose pack stage is a
+    function of its own (:func:`pack_apart`)."""
+
+    links: dict = field(default_factory=dict)
+    pack_apart: set = field(default_factory=set)
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto, spec=None, options=DEFAULT) -> "LoweringPlan":
+        from .schedules import fuses_epilogues
+
+        apart = set()
+        if spec is not None and fuses_epilogues(spec, options) and options.pack_apart:
+            apart = pack_apart(model)
+        return cls(plan_links(model), apart)
 
 
 def plan_links(model: onnx.ModelProto) -> dict:
@@ -88,7 +108,7 @@ def pack_apart(model: onnx.ModelProto) -> set:
     return out
 
 
-def _binary_conv_converter():
+def _binary_conv_converter(plan: LoweringPlan):
     from tvm import relax
     from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
@@ -100,7 +120,7 @@ def _binary_conv_converter():
         @classmethod
         def _impl_v1(cls, bb, inputs, attr, params):
             name = attr["tvm_custom"]["name"]
-            in_channels, out_mode = _LINKS.get(name, (0, "float"))
+            in_channels, out_mode = plan.links.get(name, (0, "float"))
             x, wbits, scale, bias = inputs[:4]
             n, c, h, w = _static_shape(x, f"input of {name}")
             if in_channels:
@@ -124,7 +144,7 @@ def _binary_conv_converter():
             )
             if c % p.group or p.m % p.group:
                 raise InputError(f"{name}: channels {c} -> {p.m} not divisible by group {p.group}")
-            if name in _PACK_APART and not in_channels:
+            if name in plan.pack_apart and not in_channels:
                 pp = p
                 x = bb.emit_te(lambda X: pack_te(X, pp), x, primfunc_name_hint="bdp_pack",
                                primfunc_attrs={BDP_KERNEL_ATTR: "pack", "op_pattern": 2})
@@ -153,14 +173,15 @@ def _binary_conv_converter():
 
 
 @contextlib.contextmanager
-def bdp_frontend():
-    """Teach TVM's Relax ONNX frontend the ``bdp`` ops for the duration of the block."""
+def bdp_frontend(plan: LoweringPlan):
+    """Teach TVM's Relax ONNX frontend the ``bdp`` ops (lowered as PLAN says) for the duration of
+    the block."""
     from tvm.relax.frontend.onnx import onnx_frontend as fe
 
     orig = fe._get_convert_map
     from .resize import resize_converter
 
-    extra = {"BinaryConv": _binary_conv_converter(), "Resize": resize_converter()}
+    extra = {"BinaryConv": _binary_conv_converter(plan), "Resize": resize_converter()}
 
     def patched():
         table = dict(orig())
@@ -195,41 +216,29 @@ def check_supported(model: onnx.ModelProto):
             raise UnsupportedOpError(node.name, node.op_type, "TVM's ONNX frontend has no converter for it")
 
 
-def import_onnx(model: onnx.ModelProto, input_shapes: dict, spec=None):
+def import_onnx(model: onnx.ModelProto, input_shapes: dict, spec=None, options=DEFAULT):
     """Relax IRModule of MODEL (params folded in as constants). With SPEC, the module is made for
     that target: pack stages apart (:func:`pack_apart`) where its pipeline fuses them."""
     from tvm.relax.frontend.onnx import from_onnx
 
-    from .schedules import fuses_epilogues
-
     check_supported(model)
-    _LINKS.clear()
-    _LINKS.update(plan_links(model))
-    _PACK_APART.clear()
-    if spec is not None and fuses_epilogues(spec) and os.environ.get("BDP_PACK_APART", "1") != "0":
-        _PACK_APART.update(pack_apart(model))
-    try:
-        with bdp_frontend():
-            mod = from_onnx(model, shape_dict=input_shapes, keep_params_in_input=False)
-    finally:
-        _LINKS.clear()
-        _PACK_APART.clear()
-    return mod
+    with bdp_frontend(LoweringPlan.of(model, spec, options)):
+        return from_onnx(model, shape_dict=input_shapes, keep_params_in_input=False)
 
 
-def build(mod, spec, progress=None):
+def build(mod, spec, progress=None, options=DEFAULT):
     """Schedule bdp kernels for SPEC and build; returns the TVM Executable."""
     import tvm
 
     from .schedules import fuses_epilogues, relax_pipeline, schedule_module
 
     target = tvm.target.Target(spec.tvm)
-    if not fuses_epilogues(spec):
-        mod = schedule_module(mod, spec)  # else scheduled inside the pipeline, after fusion
+    if not fuses_epilogues(spec, options):
+        mod = schedule_module(mod, spec, options)  # else scheduled inside the pipeline, after fusion
     if progress:
         progress("tvm build")
     with target:
-        ex = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(spec, target))
+        ex = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(spec, target, options))
     return ex
 
 

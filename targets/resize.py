@@ -129,7 +129,7 @@ def resize_converter():
             x = inputs[0]
             try:
                 in_shape = [int(d) for d in x.ty.shape]
-            except Exception:
+            except (TypeError, ValueError, AttributeError):  # a dynamic shape: TVM's converter
                 return base._impl_v18(bb, inputs, attr, params)
             scales = fe.get_constant(inputs[2], params) if len(inputs) > 2 and inputs[2] is not None else None
             sizes = fe.get_constant(inputs[3], params) if len(inputs) > 3 and inputs[3] is not None else None

@@ -16,7 +16,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bdp.targets import aarch64
+from bdp.targets.devices import aarch64
 
 RPI4 = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"}
 IN_SHAPE = (1, 3, 8, 8)

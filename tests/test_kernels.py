@@ -61,14 +61,15 @@ def binary_conv_model(n, c, m, k, s, d, pads, g, pv, thr, h, w, seed=0):
     return model, x, want, (sc, b), attrs
 
 
-def build_and_run(model, x, target):
+def build_and_run(model, x, target, options=None):
     import tvm
     from tvm import relax
 
     from bdp.targets.lower import build, import_onnx
+    from bdp.targets.options import DEFAULT
     from bdp.targets.spec import get_target
 
-    ex = build(import_onnx(model, {"x": list(x.shape)}), get_target(target))
+    ex = build(import_onnx(model, {"x": list(x.shape)}), get_target(target), options=options or DEFAULT)
     return relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
 
 
@@ -109,10 +110,11 @@ def test_binary_conv_exact(case, target):
 
 @pytest.mark.parametrize("orient", ["x", "k"])
 @pytest.mark.parametrize("case", [GRID[i] for i in (0, 2, 3, 6, 8, 9, 12)], ids=lambda c: f"c{c[1]}m{c[2]}")
-def test_binary_conv_exact_forced_orientation(case, orient, monkeypatch):
-    monkeypatch.setenv("BDP_BINARY_ORIENT", orient)
+def test_binary_conv_exact_forced_orientation(case, orient):
+    from bdp.targets.options import CompileOptions
+
     model, x, want, (sc, b), _ = binary_conv_model(*case, seed=1)
-    assert_exact(build_and_run(model, x, "x86"), want, sc, b)
+    assert_exact(build_and_run(model, x, "x86", CompileOptions(binary_orient=orient)), want, sc, b)
 
 
 def test_x86_assembly_uses_vector_popcount():
@@ -349,7 +351,7 @@ def test_rpi4_bundle_exact_under_qemu(tmp_path):
     """Two layers (x and k orientation, zero and minus-one padding) built for rpi4, run under qemu."""
     import bdp
     from bdp.passes.core import run_onnxruntime
-    from bdp.targets import aarch64
+    from bdp.targets.devices import aarch64
 
     ok, why = aarch64.tools_available()
     if not ok:

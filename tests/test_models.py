@@ -368,19 +368,6 @@ def test_describe_and_macs():
     assert macs["binary"] > 0 and macs["float"] > 0
 
 
-def test_forward_speed_64x80():
-    import time
-
-    for name in ("bi-mtdp", "bidense", "bq-dense"):
-        m = build(name).eval()
-        x = torch.randn(1, 3, 64, 80)
-        with torch.no_grad():
-            m(x)
-            t = time.perf_counter()
-            m(x)
-        assert time.perf_counter() - t < 0.5, name
-
-
 # ---------------------------------------------------------------------------------------------
 # Export: dynamo -> ONNX -> onnxruntime equals PyTorch eval
 

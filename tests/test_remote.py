@@ -60,7 +60,7 @@ def x86_bundle(tmp_path_factory):
 @pytest.fixture(scope="module")
 def aarch64_bundle(tmp_path_factory):
     """A real AArch64 model.so (a tiny Relax model, cross-linked) in a bundle folder."""
-    from bdp.targets import aarch64
+    from bdp.targets.devices import aarch64
 
     cc = aarch64.default_cc()
     if shutil.which(cc) is None:

@@ -113,7 +113,8 @@ def test_concat_split_plan():
     """The chunking a concatenation gets: equal pieces, gcd chunks, and the refusals."""
     from tvm import s_tir, te, topi
 
-    from bdp.targets.schedules import _concat_split, schedule_float_cpu
+    from bdp.targets.schedules import schedule_float_cpu
+    from bdp.targets.schedules.tir_util import concat_split
     from bdp.targets.spec import get_target
 
     def func(shapes, axis):
@@ -126,7 +127,7 @@ def test_concat_split_plan():
     def plan(shapes, axis):
         f, name = func(shapes, axis)
         sch = s_tir.Schedule(f)
-        return _concat_split(sch.get(sch.get_sblock(name)))
+        return concat_split(sch.get(sch.get_sblock(name)))
 
     assert plan([(1, 32, 8, 8)] * 4, 1) == (1, 32, 4)
     assert plan([(1, 4, 8, 8), (1, 8, 8, 8), (1, 12, 8, 8)], 1) == (1, 4, 6)

@@ -16,7 +16,7 @@ import torch
 import bdp
 from bdp.models import zoo
 from bdp.models.checkpoint import save_checkpoint
-from bdp.targets import aarch64
+from bdp.targets.devices import aarch64
 from bdp.toolchain.loading import to_onnx
 from bdp.toolchain.run import run_bundle
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -144,15 +143,14 @@ def read_manifest(bundle_dir, verify=True) -> dict:
 
 
 def host_can_run(manifest) -> tuple[bool, str]:
+    """Can this host load the bundle's library? (answered by the target registry)"""
+    from bdp.targets.spec import spec_of_manifest
+
     target = manifest.get("target", {})
-    arch = target.get("arch")
-    machine = platform.machine().lower()
-    host = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
-    if arch == "cuda":
-        return False, "a CUDA bundle needs an NVIDIA GPU and TVM's CUDA runtime"
-    if arch != host:
-        return False, f"built for {arch} ({target.get('name')}), this host is {host}"
-    return True, ""
+    spec = spec_of_manifest(target)
+    if spec is None:
+        return False, f"built for an unknown target {target.get('name')!r}"
+    return spec.host_runnable, spec.why_not_runnable()
 
 
 class Bundle:

@@ -14,7 +14,11 @@ import click
 
 from bdp.errors import InputError
 
-TARGETS = ("x86", "x86-avx2", "x86-avx512", "arm64", "rpi4", "cuda")
+
+def _target_names():
+    from bdp.targets.spec import TARGET_NAMES  # the registry (reads /proc/cpuinfo; imports no TVM)
+
+    return TARGET_NAMES
 
 
 def _fail(msg, code):
@@ -186,24 +190,29 @@ def export_cmd(model, out, input_shape, plain):
 
 @main.command("compile")
 @click.argument("model")
-@click.option("--target", "-t", type=click.Choice(TARGETS), default="x86", show_default=True)
+@click.option("--target", "-t", type=click.Choice(_target_names()), default="x86", show_default=True)
 @click.option("-o", "--output", "out", default="bundle", show_default=True, help="bundle folder to write")
 @click.option("--input-shape", default=None, help="N,C,H,W where the model leaves it open")
 @click.option("--pipeline", default="default", show_default=True, help="pass pipeline (`bdp passes` lists them)")
 @click.option("--dump-after", default=None, help="write the ONNX after this pass (or 'all') to BUNDLE.passes/")
 @click.option("--verify", is_flag=True, help="check every pass and the compiled bundle against onnxruntime")
 @click.option("--no-reference", is_flag=True, help="leave the float reference.onnx out of the bundle")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="compile option (repeatable): float_schedule, pack_apart, bits_in_tile, binary_orient=auto|x|k, "
+                   "fast_exp, schedule_debug; see README")
 @guarded
-def compile_cmd(model, target, out, input_shape, pipeline, dump_after, verify, no_reference):
+def compile_cmd(model, target, out, input_shape, pipeline, dump_after, verify, no_reference, options):
     """Compile MODEL (.pt, .pt2 or .onnx) into a bundle folder for TARGET."""
     _quiet_tvm()
     from .bundle import read_manifest
     from .compile import compile_model
+    from bdp.targets.options import CompileOptions
+
     from .loading import parse_shape
 
     compile_model(model, target=target, out=out, input_shape=parse_shape(input_shape), pipeline=pipeline,
                   dump_after=dump_after, verify=verify, reference=not no_reference,
-                  progress=sys.stderr.isatty())
+                  progress=sys.stderr.isatty(), options=CompileOptions.parse(options))
     man = read_manifest(out, verify=False)
     st = man["stats"]
     click.echo(f"wrote {out}/ for {target}: {st['binary_convs']} binary convs (packed-bit), {st['fp_convs']} float convs, "

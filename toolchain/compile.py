@@ -132,14 +132,16 @@ class _Stages:
 
 
 def compile_model(model, target="x86", out="bundle", *, input_shape=None, pipeline="default", dump_after=None,
-                  verify=False, reference=True, progress=False, report_path=None):
+                  verify=False, reference=True, progress=False, report_path=None, options=None):
     """Compile MODEL for TARGET into bundle folder OUT; returns OUT. See ``bdp compile --help``."""
     from bdp.passes import attach_functions, run_pipeline
     from bdp.passes.core import run_onnxruntime
     from bdp.targets.lower import build, check_supported, export_library, import_onnx
+    from bdp.targets.options import CompileOptions
     from bdp.targets.spec import get_target
 
     spec = get_target(target)
+    options = CompileOptions.of(options)
     stages = _Stages(progress, 6)
     stages("load")
     source, info = to_onnx(str(model), input_shape)
@@ -162,9 +164,9 @@ def compile_model(model, target="x86", out="bundle", *, input_shape=None, pipeli
     outputs = [{"name": n, "shape": list(a.shape), "dtype": str(a.dtype), "task": task_of(n)}
                for n, a in zip(out_names, ref_outs)]
     stages("import")
-    mod = import_onnx(final, {inp.name: list(shape)}, spec)
+    mod = import_onnx(final, {inp.name: list(shape)}, spec, options)
     stages("build")
-    ex = build(mod, spec)
+    ex = build(mod, spec, options=options)
     stages("bundle")
     with atomic_bundle(out) as tmp:
         export_library(ex, os.path.join(tmp, LIBRARY), spec)
@@ -175,10 +177,10 @@ def compile_model(model, target="x86", out="bundle", *, input_shape=None, pipeli
             onnx.save(attach_functions(ref), os.path.join(tmp, "reference.onnx"))
         with open(os.path.join(tmp, "report.json"), "w") as f:
             json.dump(report.to_dict(), f, indent=2)
-        if spec.arch == "aarch64":
-            from bdp.targets import aarch64
+        if spec.device:
+            from bdp.targets.devices import get_device
 
-            aarch64.add_device_files(tmp)
+            get_device(spec.device).add_device_files(tmp)
         import tvm
 
         manifest = {
@@ -193,11 +195,11 @@ def compile_model(model, target="x86", out="bundle", *, input_shape=None, pipeli
                       "preprocess": _preprocess(info, shape)},
             "outputs": outputs,
             "stats": _stats(final, source, report),
+            "options": options.changed(),
             "library": LIBRARY,
         }
-        if spec.arch == "cuda":
-            manifest["target"]["note"] = ("CUDA bundle built on a host without a GPU: it compiled, "
-                                          "it has not been run on a GPU")
+        if spec.note:
+            manifest["target"]["note"] = spec.note
         stages.close()
         manifest["compile_seconds"] = dict(stages.times, total=round(time.time() - stages.t0, 3))
         finalize_manifest(tmp, manifest)

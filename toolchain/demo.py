@@ -86,7 +86,7 @@ def run_demo(out="demo-out", arch="bireal-tiny", epochs=4, size=(128, 160), n_tr
     chart_png(os.path.join(out, "profile.png"), res)
 
     click.secho("[5/5] Raspberry Pi 4 bundle", bold=True)
-    from bdp.targets import aarch64
+    from bdp.targets.devices import aarch64
 
     ok, why = aarch64.tools_available()
     if not rpi4:

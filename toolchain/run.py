@@ -81,6 +81,16 @@ def save_npz(path, outputs: dict):
             os.remove(tmp)
 
 
+def device_of(manifest):
+    """The device module (:mod:`bdp.targets.devices`) that runs a bundle of MANIFEST's target
+    through its own runner, or None."""
+    from bdp.targets.devices import get_device
+    from bdp.targets.spec import spec_of_manifest
+
+    spec = spec_of_manifest(manifest.get("target"))
+    return get_device(spec.device) if spec is not None and spec.device else None
+
+
 def run_bundle(bundle_dir, input_path, out_path=None, viz_dir=None):
     """Run BUNDLE on INPUT; writes OUT.npz (and pictures). Returns {name: array}."""
     from .bundle import host_can_run, load_bundle, read_manifest
@@ -90,8 +100,8 @@ def run_bundle(bundle_dir, input_path, out_path=None, viz_dir=None):
     ok, _why = host_can_run(manifest)
     if ok:
         outputs = load_bundle(bundle_dir, verify=False)(x)
-    elif manifest["target"].get("arch") == "aarch64":
-        outputs = _run_aarch64(bundle_dir, x, manifest)
+    elif device_of(manifest) is not None:
+        outputs = device_of(manifest).run_bundle(bundle_dir, x, [o["name"] for o in manifest["outputs"]])
     else:
         raise InputError(f"{bundle_dir}: cannot run on this host: {_why}")
     if out_path:
@@ -101,19 +111,3 @@ def run_bundle(bundle_dir, input_path, out_path=None, viz_dir=None):
 
         save_pictures(viz_dir, outputs, manifest, image=image, x=x)
     return outputs
-
-
-def _run_aarch64(bundle_dir, x, manifest):
-    """Run an arm64 bundle's own bin/bdp-run under qemu-aarch64 (on a non-ARM host)."""
-    from bdp.targets import aarch64
-
-    with tempfile.TemporaryDirectory() as td:
-        inp = os.path.join(td, "input.npy")
-        np.save(inp, x.astype(np.float32))
-        outdir = os.path.join(td, "out")
-        os.makedirs(outdir)
-        proc = aarch64.run_under_qemu(bundle_dir, inp, outdir)
-        if proc.returncode != 0:
-            msg = (proc.stderr or proc.stdout or "").strip().splitlines()
-            raise InputError(f"{bundle_dir}: bin/bdp-run failed (exit {proc.returncode}): {msg[-1] if msg else ''}")
-        return {o["name"]: np.load(os.path.join(outdir, o["name"] + ".npy")) for o in manifest["outputs"]}

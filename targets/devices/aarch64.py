@@ -482,3 +482,23 @@ def run_under_qemu(bundle_dir: str | os.PathLike, input_npy: str | os.PathLike, 
     if env:
         run_env.update(env)
     return subprocess.run(cmd, capture_output=True, text=True, env=run_env, timeout=timeout)
+
+
+def run_bundle(bundle_dir: str | os.PathLike, x, output_names: Sequence[str]) -> dict:
+    """Run the bundle's own ``bin/bdp-run`` on X (natively on an AArch64 host, under qemu-aarch64
+    elsewhere); returns {output name: array}. InputError when the runner fails."""
+    import numpy as np
+
+    from bdp.errors import InputError
+
+    with tempfile.TemporaryDirectory() as td:
+        inp = os.path.join(td, "input.npy")
+        np.save(inp, np.asarray(x, np.float32))
+        outdir = os.path.join(td, "out")
+        os.makedirs(outdir)
+        proc = run_under_qemu(bundle_dir, inp, outdir)
+        if proc.returncode != 0:
+            msg = (proc.stderr or proc.stdout or "").strip().splitlines()
+            raise InputError(f"{bundle_dir}: bin/bdp-run failed (exit {proc.returncode}): {msg[-1] if msg else ''}")
+        return {n: np.load(os.path.join(outdir, n + ".npy")) for n in output_names}
+

@@ -1,0 +1,329 @@
+"""Binary conv kernels on CPUs: the register-blocked popcount stage in orientation x or k
+(:func:`binary_conv_plan`), the pack and pad stages, packed-bit outputs from the registers, the
+depthwise kernel, and pack functions apart. See :mod:`bdp.targets.schedules` for the design."""
+
+from __future__ import annotations
+
+from ..options import DEFAULT
+from .tir_util import (PARALLEL_MIN_BINARY_MACS, PARALLEL_MIN_ELEMENTS, SCHEDULE_ERRORS, concat_split, divisor,
+                       extent, has_conditional, inline_is_cheap, iter_kinds, loops_below, root_blocks,
+                       schedule_injective, vectorize_if)
+
+
+class PlanError(RuntimeError):
+    """A kernel's loops are not what its plan expects (a bug in bdp's schedule, not the input)."""
+
+def binary_conv_plan(p, spec, options=DEFAULT) -> dict:
+    """The tiling of one binary conv on a CPU target: orientation and tile sizes."""
+    vl = spec.vector_lanes(p.word)
+    oh, ow = p.out_hw
+    mg = p.mg
+    force = options.binary_orient  # "auto", or "x" / "k" forced: for experiments and tests
+    k_ok = mg % vl == 0
+    # x tile: the widest power of two up to a register that divides OW (no ragged vectors)
+    xv = next(v for v in (vl, vl // 2, vl // 4, vl // 8, 8, 4, 2, 1) if v <= vl and ow % v == 0)
+    if force in ("x", "k"):
+        orient = force if (force == "x" or k_ok) else "x"
+    elif k_ok and (2 * xv < vl or ow < 4 * xv):
+        orient = "k"
+    else:
+        orient = "x"
+    # accumulator budget: about half the vector registers (the rest: operands, popcount temporaries;
+    # AVX2's nibble-table popcount needs more of them)
+    budget = spec.binary_acc_registers
+    if orient == "x":
+        nvec = -(-xv // vl)
+        mt = divisor(mg, [d for d in (8, 6, 4, 3, 2, 1) if d * nvec <= budget]) or 1
+        return {"orient": "x", "xv": xv, "mt": mt, "vl": vl}
+    kt = 2 * vl if (mg % (2 * vl) == 0 and 2 * budget >= 4 * 2) else vl
+    nk = kt // vl
+    wmax = max(1, budget // nk)
+    wt = divisor(ow, [d for d in (4, 5, 6, 3, 8, 7, 2) if d <= wmax]) or min(4, wmax, ow)
+    return {"orient": "k", "kt": kt, "wt": wt, "vl": vl}
+
+
+def _pack_width(w, vl):
+    for v in (4 * vl, 2 * vl):
+        if w % v == 0:
+            return v
+    if w <= 4 * vl:
+        return w
+    return 2 * vl
+
+
+def _pack_tiles(sch, vl, words_inner):
+    """The pack block's loops: columns split into vectors (innermost), a word's bits above them
+    accumulated in a register (a local cache written back per word), the rows fused outermost,
+    with the words among them or, WORDS_INNER, just above the bits. Returns (block, rows, words
+    loop, bits loop)."""
+    pk = sch.get_sblock("bdp_pack")
+    n, g, c, y, x, kb = sch.get_loops(pk)
+    xo, xi = sch.split(x, [None, _pack_width(extent(sch, x), vl)])
+    if words_inner:
+        sch.reorder(n, g, y, xo, c, kb, xi)
+        at, rows = c, (n, g, y)
+    else:
+        sch.reorder(n, g, c, y, xo, kb, xi)
+        at, rows = xo, (n, g, c, y)
+    loc = sch.cache_write(pk, 0, "local")
+    sch.reverse_compute_at(loc, at)
+    vectorize_if(sch, xi)
+    below = loops_below(sch, loc, at)
+    vectorize_if(sch, below[-1] if below else None)
+    return pk, sch.fuse(*rows), c, kb
+
+
+def _sched_pack_cpu(sch, vl, parallel):
+    pk, rows, _, kb = _pack_tiles(sch, vl, words_inner=False)
+    if parallel:
+        sch.parallel(rows)
+    sch.decompose_reduction(pk, kb)
+    sch.unroll(kb)  # the word's bits: shifts and channel offsets become constants
+
+
+def is_pack_function(func) -> bool:
+    """A pack stage of its own (``in_words`` kernels, :func:`bdp.targets.lower.pack_apart`), with
+    the producers Relax fused into it."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    for name, want in (("bdp_pack", True), ("bdp_popcount", False)):
+        try:
+            sch.get_sblock(name)
+            found = True
+        except SCHEDULE_ERRORS:
+            found = False
+        if found != want:
+            return False
+    return True
+
+
+PACK_UNROLL_MAX_BITS = 1024  # a pack function without a splittable concatenation: bits unrolled up to this many
+
+
+def schedule_pack_cpu(func, spec):
+    """A pack function with its fused producers (resizes, concatenation): the producers read once
+    per value are inlined into the pack (a concatenation's selection, a resize's row blend), the
+    rest (a resize's column blend) stay parallel vectorized stages. The pack runs rows in
+    parallel with a vector of columns innermost. Its bits are split into chunks that each read one
+    piece of the concatenation (the pieces' common divisor, :func:`concat_split`); the words and
+    chunks are unrolled, so each copy's piece is known at compile time (the others fold away) and
+    the float concatenation is never written, only its words. Without a concatenation the bits
+    of a word are unrolled."""
+    import math
+
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    lanes = spec.vector_lanes(32)
+    blocks = root_blocks(sch)
+    plans = [concat_split(sch.get(b)) for b in blocks]
+    plans = [pl for pl in plans if pl is not None]
+    chunk = plans[0][1] if len(plans) == 1 and plans[0][0] == 1 else None
+    has_concat = any(has_conditional(sch.get(b).body, select=False) for b in blocks)
+    any_concat = {sch.get(b).name_hint: True for b in blocks}  # made uniform by the unrolled chunks
+    for b in blocks:
+        stmt = sch.get(b)
+        if stmt.name_hint == "bdp_pack" or "R" in iter_kinds(stmt):
+            continue
+        if inline_is_cheap(sch, b, any_concat):
+            try:
+                sch.compute_inline(b)
+            except SCHEDULE_ERRORS:
+                pass
+    _, _, _, _, x, _ = sch.get_loops(sch.get_sblock("bdp_pack"))
+    w = extent(sch, x)
+    pk, rows, c, kb = _pack_tiles(sch, spec.vector_lanes(64), words_inner=True)
+    cw, bits = extent(sch, c), extent(sch, kb)
+    if extent(sch, rows) * w * cw * bits >= PARALLEL_MIN_ELEMENTS:
+        sch.parallel(rows)
+    step = math.gcd(chunk, bits) if chunk else 0
+    if has_concat and step:
+        kbo, kbi = sch.split(kb, [None, step])
+        sch.decompose_reduction(pk, kbo)
+        sch.unroll(kbo)
+        sch.unroll(c)
+        if step <= 8:
+            sch.unroll(kbi)
+    else:
+        sch.decompose_reduction(pk, kb)
+        sch.unroll(kb)
+        if has_concat and cw * bits <= PACK_UNROLL_MAX_BITS:
+            sch.unroll(c)
+    for b in root_blocks(sch):
+        if sch.get(b).name_hint != "bdp_pack" and all(sch.get(lp).kind == 0 for lp in sch.get_loops(b)):
+            schedule_injective(sch, b, lanes)
+    return sch.mod["main"]
+
+
+def _sched_pad_cpu(sch, parallel):
+    try:
+        pd = sch.get_sblock("bdp_pad")
+    except SCHEDULE_ERRORS:  # no pad stage
+        return
+    loops = sch.get_loops(pd)
+    rows = sch.fuse(*loops[:4])
+    if parallel:
+        sch.parallel(rows)
+
+
+def _sched_bits_cpu(sch, p):
+    """The packed-bit output stage: 8 channels' threshold bits OR-ed into a byte, columns
+    innermost (P rows are contiguous along x), rows in parallel."""
+    bb = sch.get_sblock("bdp_binary_conv")
+    n, b, y, x, j = sch.get_loops(bb)
+    sch.reorder(n, b, y, j, x)
+    rows = sch.fuse(n, b, y)
+    oh, ow = p.out_hw
+    if p.n * p.m * oh * ow >= PARALLEL_MIN_ELEMENTS:
+        sch.parallel(rows)
+    sch.decompose_reduction(bb, j)
+    sch.unroll(j)
+
+
+def _bits_in_tile(sch, loc, at, p, tile_m):
+    """Packed-bit output straight from the registers: when a tile holds whole bytes of channels
+    (TILE_M a multiple of 8), the byte stage moves under tile loop AT and reads the accumulators
+    (the write-back LOC is inlined into it), so no int32 tensor reaches memory; 8 channels' bits
+    OR-ed per byte, vectorized over the tile's columns. Returns the step that decomposes the
+    byte reduction, to run last."""
+    bb = sch.get_sblock("bdp_binary_conv")
+    sch.reverse_compute_at(bb, at)
+    sch.compute_inline(loc)
+    loops = loops_below(sch, bb, at)  # [bytes, columns, jb], the unit ones dropped
+    nb = 1 if tile_m > 8 else 0
+    if len(loops) not in (nb + 1, nb + 2) or extent(sch, loops[-1]) != 8:
+        raise PlanError(f"bdp: unexpected byte-stage loops {[extent(sch, lp) for lp in loops]}")
+    jb = loops[-1]
+    if len(loops) == nb + 2:
+        x = loops[-2]
+        sch.reorder(jb, x)
+        vectorize_if(sch, x)
+    sch.unroll(jb)
+    return lambda: sch.decompose_reduction(bb, jb)  # after the tile loops are parallel
+
+
+def _register_accumulators(sch, blk, at, p, epilogue, tile_m=0, lanes_last=False, bits_in_tile=True):
+    """Keep BLK's accumulators in registers: a local cache of the tile written back (vectorized)
+    below loop AT; then the output stage, packed bits or EPILOGUE() for float / ±1 output. Packed
+    bits come from the registers (:func:`_bits_in_tile`) when the tile's TILE_M channels are whole
+    bytes, else from an int32 tensor in a stage of their own. Returns a step to run after the
+    tile loops are parallel, or None."""
+    loc = sch.cache_write(blk, 0, "local")
+    if lanes_last:  # orientation k: the vector lanes (output channels) innermost
+        sch.transform_layout(blk, ("write", 0), lambda n, m, y, x: (n, y, x, m))
+    sch.reverse_compute_at(loc, at)
+    if p.out_mode == "bits":
+        if tile_m and tile_m % 8 == 0 and p.m % tile_m == 0 and bits_in_tile:
+            return _bits_in_tile(sch, loc, at, p, tile_m)
+        _sched_bits_cpu(sch, p)
+    else:
+        epilogue()
+    below = loops_below(sch, loc, at)
+    vectorize_if(sch, below[-1] if below else None)
+    return None
+
+
+def _depthwise_cpu(sch, p, blk, loops):
+    """One input channel per group: the taps are 0/1 bytes, added in uint8 (int16 for kernels of
+    256+ taps) over vectors of 16/32 output columns kept in registers across every tap (the row is
+    computed rounded up to whole vectors, see ``ow_padded``); the float / ±1 epilogue runs in the
+    same parallel row loop, right after the row's taps (one parallel region less, the row's
+    counts still in L1)."""
+    n, m, y, x, r, s, c = loops
+    v = 16 if p.ow_padded <= 16 else 32
+    xo, xi = sch.split(x, [None, v])
+    sch.reorder(n, m, y, xo, r, s, c, xi)
+    oh, ow = p.out_hw
+    parallel = p.n * p.m * oh * ow >= PARALLEL_MIN_ELEMENTS  # a depthwise tap is a byte add
+
+    _register_accumulators(sch, blk, xo, p, lambda: None)  # the epilogue: below, in the row loop
+    rows = sch.fuse(n, m, y)
+    if parallel:
+        sch.parallel(rows)
+    if p.out_mode != "bits":
+        ep = sch.get_sblock("bdp_binary_conv")
+        sch.reverse_compute_at(ep, rows)
+        vx = next(d for d in (16, 8, 4, 2, 1) if ow % d == 0)
+        if vx > 1:
+            _, exi = sch.split(loops_below(sch, ep, rows)[-1], [None, vx])
+            sch.vectorize(exi)
+    sch.vectorize(xi)
+    init = sch.decompose_reduction(blk, r)
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
+def _absorb_fused(sch):
+    """Fold what Relax fused around a bdp kernel into its stages: elementwise consumers into the
+    output block (``reverse_compute_inline``: the epilogue computes them in registers), producers
+    into the pack stage. Returns the names of the blocks that would not fold (scheduled apart)."""
+    ep = sch.get_sblock("bdp_binary_conv")
+    while True:
+        cons = sch.get_consumers(ep)
+        if len(cons) != 1:
+            break
+        try:
+            sch.reverse_compute_inline(cons[0])
+        except SCHEDULE_ERRORS:
+            break
+    rest = []
+    for b in root_blocks(sch):
+        name = sch.get(b).name_hint
+        if name.startswith("bdp_"):
+            continue
+        try:
+            sch.compute_inline(b)
+        except SCHEDULE_ERRORS:
+            rest.append(name)
+    return rest
+
+
+def _schedule_rest(sch, rest, spec):
+    lanes = spec.vector_lanes(32)
+    for name in rest:
+        b = sch.get_sblock(name)
+        if all(sch.get(lp).kind == 0 for lp in sch.get_loops(b)):
+            schedule_injective(sch, b, lanes)
+
+
+def schedule_binary_cpu(func, p, spec, options=DEFAULT):
+    from tvm import s_tir
+
+    plan = binary_conv_plan(p, spec, options)
+    sch = s_tir.Schedule(func)
+    rest = _absorb_fused(sch)
+    if not p.in_words:
+        _sched_pack_cpu(sch, spec.vector_lanes(64), p.n * p.c * p.h * p.w >= 4 * PARALLEL_MIN_ELEMENTS)
+    hp, wp = p.padded_hw
+    _sched_pad_cpu(sch, p.n * p.group * p.cw * hp * wp >= PARALLEL_MIN_ELEMENTS)
+    blk = sch.get_sblock("bdp_popcount")
+    n, m, y, x, r, s, c = sch.get_loops(blk)
+    if p.depthwise:
+        _depthwise_cpu(sch, p, blk, (n, m, y, x, r, s, c))
+        _schedule_rest(sch, rest, spec)
+        return sch.mod["main"]
+    if plan["orient"] == "x":
+        mo, mi = sch.split(m, [None, plan["mt"]])
+        xo, xi = sch.split(x, [None, plan["xv"]])
+        sch.reorder(n, y, xo, mo, r, s, c, mi, xi)
+        inner = [("unroll", mi), ("vectorize", xi)]
+    else:
+        mo, mb, mi = sch.split(m, [None, plan["kt"] // plan["vl"], plan["vl"]])
+        xo, xi = sch.split(x, [None, plan["wt"]])
+        sch.reorder(n, y, xo, mo, r, s, c, xi, mb, mi)
+        inner = [("unroll", xi), ("unroll", mb), ("vectorize", mi)]
+    finish = _register_accumulators(sch, blk, mo, p,
+                                    lambda: sch.reverse_compute_inline(sch.get_sblock("bdp_binary_conv")),
+                                    plan["mt"] if plan["orient"] == "x" else plan["kt"],
+                                    lanes_last=plan["orient"] == "k", bits_in_tile=options.bits_in_tile)
+    tiles = sch.fuse(n, y, xo)
+    if p.binary_macs >= PARALLEL_MIN_BINARY_MACS:
+        sch.parallel(tiles)
+    for kind, loop in inner:
+        if int(sch.get(loop).extent) > 1:
+            getattr(sch, kind)(loop) if kind == "unroll" else vectorize_if(sch, loop)
+    sch.decompose_reduction(blk, r)
+    if finish is not None:
+        finish()
+    _schedule_rest(sch, rest, spec)
+    return sch.mod["main"]

@@ -1,0 +1,293 @@
+"""Float operators on CPUs: a generic, tuning-free schedule (register-blocked reductions in
+orientation x or u, row reductions with rfactor, concatenations unrolled by piece, everything
+else parallel and vectorized). See :mod:`bdp.targets.schedules` for the design."""
+
+from __future__ import annotations
+
+from .relayout import (feeds_light_reduction, move_dim_last, phase_split_strided_reads, reads_per_input,
+                       relayout_copied, relayout_innermost)
+from .tir_util import (PARALLEL_MIN_ELEMENTS, PARALLEL_MIN_MACS, SCHEDULE_ERRORS, choose_vec, concat_split,
+                       extent, fuse_consumers, has_conditional, inline_is_cheap, is_output_block, iter_kinds,
+                       loops_below, par_fuse, region_vars, root_blocks, schedule_injective, vars_in, vectorize_if)
+
+def schedule_concat(sch, block, lanes, plan):
+    """Split a concatenation's axis into N chunks of G (each chunk reads one piece), move the
+    chunk loop just above the innermost loop and unroll it: every unrolled copy keeps one branch
+    of the selection (the loop bounds decide it), so the producers inlined into it (a resize's
+    row blend) run vectorized without computing the other pieces. Parallel over the outer loops,
+    vectorized innermost. PLAN: :func:`concat_split` of the block before its producers were
+    inlined (None: returns False)."""
+    stmt = sch.get(block)
+    loops = sch.get_loops(block)
+    if plan is None or len(loops) != len(stmt.iter_vars):
+        return False
+    axis, g, n = plan
+    o, i = sch.split(loops[axis], [n, g])
+    outer = list(loops[:axis]) + [i] + list(loops[axis + 1:-1])
+    inner = loops[-1]
+    sch.reorder(*outer, o, inner)
+    total = 1
+    for lp in outer:
+        total *= extent(sch, lp) or 1
+    work = total * n * (extent(sch, inner) or 1)
+    if work >= PARALLEL_MIN_ELEMENTS:
+        par_fuse(sch, outer)
+    sch.unroll(o)
+    v = choose_vec(extent(sch, inner), lanes)
+    if v is not None:
+        _, ii = sch.split(inner, [None, v])
+        sch.vectorize(ii)
+    return True
+
+
+def _pick_unroll_axis(sch, block_stmt, spatial_vars, x_var):
+    """The spatial iterator (not X) to register-block: one the x-dependent reads ignore."""
+    best, best_key = None, None
+    reads = [region_vars(r.region) for r in block_stmt.reads]
+    writes_vars = region_vars(block_stmt.writes[0].region)
+    for i, iv in enumerate(block_stmt.iter_vars[: len(spatial_vars) - 1]):
+        v = iv.var
+        if v not in writes_vars or int(iv.dom.extent) < 2:
+            continue
+        score = sum((2 if x_var in rv else 1) for rv in reads if v not in rv)
+        key = (score, int(iv.dom.extent))
+        if score > 0 and (best_key is None or key > best_key):
+            best, best_key = i, key
+    return best
+
+
+def _ops_per_step(stmt) -> float:
+    """Arithmetic operations in one execution of block STMT's body, over the two of a
+    multiply-accumulate (1 for a conv's update; about 15 for a sum of exps, whose exp is a
+    polynomial, see :mod:`bdp.targets.fastmath`)."""
+    import tvm
+    import tvm_ffi
+    from tvm import tirx
+
+    n = [0]
+
+    def count(_node):
+        n[0] += 1
+
+    kinds = (tirx.Add, tirx.Sub, tirx.Mul, tirx.Div, tirx.Max, tirx.Min, tirx.Select, tirx.FloorDiv,
+             tirx.FloorMod, tvm.ir.Call)
+    tvm_ffi.structural_walk(stmt.body, (kinds, count), order="post")
+    return max(1.0, n[0] / 2.0)
+
+
+def _parallel_outer(sch, outer, macs):
+    first = next((i for i, lp in enumerate(outer) if (extent(sch, lp) or 2) > 1), None)
+    if first is None or macs < PARALLEL_MIN_MACS:
+        return
+    keep, chunks = [], 1
+    for lp in outer[first:]:
+        keep.append(lp)
+        chunks *= extent(sch, lp) or 1
+        if chunks >= 64:
+            break
+    par_fuse(sch, keep)
+
+
+def _tile_reduction(sch, block, lanes, regs, ctx):
+    """Register-block a reduction block with spatial iters first (conv, matmul, pooling).
+
+    Orientation "x": the innermost output axis is the vector (one or two registers), an output
+    axis that the x-dependent operand ignores (conv: output channels) is unrolled. Orientation
+    "u" (when x is too short for a full vector, e.g. 1x1 convs and depthwise convs at 1/16 or
+    1/32 scale): that other axis is the vector, its operands get a copy with it innermost, and
+    a few x positions are unrolled.
+    """
+    stmt = sch.get(block)
+    kinds = iter_kinds(stmt)
+    loops = sch.get_loops(block)
+    if len(loops) != len(kinds) or "O" in kinds or not kinds.startswith("S") or "R" not in kinds:
+        return False
+    ns = len(kinds) - len(kinds.lstrip("S"))
+    if "S" in kinds[ns:]:
+        return False
+    svars = [iv.var for iv in stmt.iter_vars[:ns]]
+    s_loops, r_loops = list(loops[:ns]), list(loops[ns:])
+    macs = 1
+    for lp in s_loops + r_loops:
+        macs *= extent(sch, lp) or 1
+    work = macs * _ops_per_step(stmt)  # what decides parallel loops: exps cost more than MACs
+    x_loop = s_loops[-1]
+    xext = extent(sch, x_loop)
+    wregion = stmt.writes[0].region
+    if xext is None or vars_in(wregion[-1].min) != {svars[-1]}:
+        return False
+    xv = choose_vec(xext, lanes)
+    budget = max(4, regs // 2 - 2)
+    ui = _pick_unroll_axis(sch, stmt, svars, svars[-1])
+    uext = (extent(sch, s_loops[ui]) or 1) if ui is not None else 1
+    orient = "x"
+    if xv is None or xv < lanes:
+        # a vector over another output axis whose operands can be re-laid out with it innermost,
+        # copies made at run time cheap next to the block's work; preferred: an axis whose
+        # operands are all constants (re-laid out at compile time, no copy), e.g. a 1x1 conv's
+        # output channels rather than its rows
+        cands = []
+        for i, iv in enumerate(stmt.iter_vars[: ns - 1]):
+            if int(iv.dom.extent) % lanes or iv.var not in vars_in(wregion[i].min):
+                continue
+            copied = relayout_copied(sch, block, iv.var, ctx)
+            if copied is not None and copied * 8 <= macs:
+                cands.append((copied == 0, int(iv.dom.extent), i))
+        if cands:
+            orient = "u"
+            ui = max(cands)[2]
+            uext = extent(sch, s_loops[ui]) or 1
+    if orient == "x" and xv is None:
+        return False
+
+    if orient == "u":
+        if not relayout_innermost(sch, block, svars[ui], ctx):
+            return False
+        uv = 2 * lanes if uext % (2 * lanes) == 0 and xext % 4 == 0 else lanes
+        nvec = uv // lanes
+        xt = next((d for d in (8, 6, 5, 4, 3, 2, 1) if d * nvec <= budget and xext % d == 0), 1)
+        uo, u_in = sch.split(s_loops[ui], [None, uv])
+        outer = list(s_loops[:-1])
+        outer[ui] = uo
+        if xt != xext:
+            xo, xi = sch.split(x_loop, [None, xt])
+            outer.append(xo)
+        else:
+            xi = x_loop
+        sch.reorder(*outer, *r_loops, xi, u_in)
+        loc = sch.cache_write(block, 0, "local")
+        if not outer:
+            return False
+        # accumulators with the vector axis innermost (LLVM keeps them in registers)
+        udim = next(d for d, rg in enumerate(sch.get(block).writes[0].region) if svars[ui] in vars_in(rg.min))
+        sch.transform_layout(block, ("write", 0), move_dim_last(udim, len(sch.get(block).writes[0].region)))
+        sch.reverse_compute_at(loc, outer[-1])
+        fuse_consumers(sch, loc)
+        wl = loops_below(sch, loc, outer[-1])
+        vectorize_if(sch, wl[-1] if wl else None, lo=4)
+        _parallel_outer(sch, outer, work)
+        if (extent(sch, xi) or 1) > 1:
+            sch.unroll(xi)
+        vectorize_if(sch, u_in)
+        sch.decompose_reduction(block, r_loops[0])
+        return True
+
+    phase_split_strided_reads(sch, block, svars[-1], reuse=reads_per_input(sch, stmt, macs))
+    stmt = sch.get(block)
+    nvec = -(-xv // lanes)
+    u_in = None
+    outer = list(s_loops[:-1])
+    if ui is not None:
+        uf = next((d for d in (8, 6, 4, 3, 2) if d * nvec <= budget and uext % d == 0), None)
+        if uf is not None:
+            uo, u_in = sch.split(s_loops[ui], [None, uf])
+            outer[ui] = uo
+    if xv != xext:
+        xo, xi = sch.split(x_loop, [None, xv])
+        outer.append(xo)
+    else:
+        xi = x_loop
+    inner = ([u_in] if u_in is not None else []) + [xi]
+    sch.reorder(*outer, *r_loops, *inner)
+    loc = sch.cache_write(block, 0, "local")
+    if not outer:
+        return False
+    sch.reverse_compute_at(loc, outer[-1])
+    fuse_consumers(sch, loc)
+    wl = loops_below(sch, loc, outer[-1])
+    vectorize_if(sch, wl[-1] if wl else None)
+    _parallel_outer(sch, outer, work)
+    if u_in is not None:
+        sch.unroll(u_in)
+    vectorize_if(sch, xi)
+    sch.decompose_reduction(block, r_loops[0])
+    return True
+
+
+def _tile_row_reduction(sch, block, lanes):
+    """Reductions along the contiguous innermost axis (means, softmax sums, global pooling):
+    ``rfactor`` the innermost reduction loop into VL partial sums kept in a vector, then add them."""
+    stmt = sch.get(block)
+    kinds = iter_kinds(stmt)
+    loops = sch.get_loops(block)
+    if len(loops) != len(kinds) or "O" in kinds or not kinds.endswith("R"):
+        return False
+    ns = len(kinds) - len(kinds.lstrip("S"))
+    if "S" in kinds[ns:]:
+        return False
+    rvar = stmt.iter_vars[-1].var
+    if not any(len(r.region) and vars_in(r.region[-1].min) == {rvar} for r in stmt.reads):
+        return False
+    v = choose_vec(extent(sch, loops[-1]), lanes)
+    if v is None:
+        return False
+    work = 1
+    for lp in loops:
+        work *= extent(sch, lp) or 1
+    ro, ri = sch.split(loops[-1], [None, v])
+    rf = sch.rfactor(ri, factor_axis=ns)
+    rl = sch.get_loops(rf)
+    # the partial sums' lane loop is innermost already: vectorize it, parallelize the outputs
+    sch.vectorize(rl[-1])
+    lead = [lp for lp in rl[:ns]]
+    if lead and work >= PARALLEL_MIN_ELEMENTS:
+        par_fuse(sch, lead)
+    sch.decompose_reduction(rf, rl[ns])
+    return True
+
+
+def schedule_float_cpu(func, spec, const_params=(), debug=False):
+    """(scheduled copy of float PrimFunc FUNC for a CPU target, relayouts), or (None, {}).
+
+    CONST_PARAMS: indices of parameters that are constants at every call site; RELAYOUTS maps
+    the ones the schedule wants stored differently to ``(dim, ndim)``: that dimension moved last.
+    """
+    from tvm import s_tir
+
+    lanes = spec.vector_lanes(32)
+    regs = spec.vector_registers
+    for attempt in ("tiled", "simple"):
+        ctx = {"const_params": set(const_params), "relayouts": {}}
+        try:
+            sch = s_tir.Schedule(func)
+            blocks = root_blocks(sch)
+            red = [b for b in blocks if "R" in iter_kinds(sch.get(b))]
+            concats = {sch.get(b).name_hint: concat_split(sch.get(b)) for b in blocks}
+            # inline injective producers, except padding (kept as a parallel copy)
+            for b in blocks:
+                stmt = sch.get(b)
+                if "R" in iter_kinds(stmt) or is_output_block(sch, b):
+                    continue
+                if red and has_conditional(stmt.body) and attempt == "tiled" and not feeds_light_reduction(sch, b):
+                    continue
+                if not inline_is_cheap(sch, b, concats):
+                    continue
+                try:
+                    sch.compute_inline(b)
+                except SCHEDULE_ERRORS:
+                    pass
+            tiled = set()
+            if attempt == "tiled":
+                for b in red:
+                    name = sch.get(b).name_hint
+                    if _tile_reduction(sch, b, lanes, regs, ctx):
+                        tiled.add(name)
+                    elif _tile_row_reduction(sch, b, lanes):
+                        tiled.add(name + "_rf")
+                if not tiled:
+                    continue
+            for b in root_blocks(sch):
+                stmt = sch.get(b)
+                if stmt.name_hint in tiled:
+                    continue
+                loops = sch.get_loops(b)
+                if any(sch.get(lp).kind != 0 for lp in loops):  # already parallel / vectorized
+                    continue
+                if not schedule_concat(sch, b, lanes, concats.get(stmt.name_hint)):
+                    schedule_injective(sch, b, lanes)
+            return sch.mod["main"], ctx["relayouts"]
+        except SCHEDULE_ERRORS:  # this attempt does not apply: the next, simpler one
+            if debug:
+                raise
+            continue
+    return None, {}
