@@ -217,11 +217,11 @@ def test_profile_via_tracker_and_key(x86_bundle, tracker, tmp_path):
 
 
 def test_device_from_config_file(x86_bundle, rpc_server, tmp_path, monkeypatch):
-    from bdp.toolchain import remote
+    from bdp.toolchain import devices
 
     cfg = tmp_path / "boards" / "devices.json"
     monkeypatch.setenv("BDP_DEVICES", str(cfg))
-    remote.add_device("board", rpc=f"{HOST}:{rpc_server}")
+    devices.add_device("board", rpc=f"{HOST}:{rpc_server}")
     assert json.loads(cfg.read_text()) == {"board": {"rpc": f"{HOST}:{rpc_server}"}}
     out = tmp_path / "d.json"
     p = run_cli("profile", x86_bundle, "--device", "board", "--runs", 4, "--warmup", 0, "--json", out, timeout=300)
@@ -303,7 +303,7 @@ def test_silent_service_times_out(x86_bundle, monkeypatch):
 def test_devices_commands(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from bdp.toolchain import remote
+    from bdp.toolchain import devices as config
     from bdp.toolchain.cli_devices import devices
 
     cfg = tmp_path / "cfg" / "devices.json"
@@ -317,9 +317,9 @@ def test_devices_commands(tmp_path, monkeypatch):
                                            "farm": {"tracker": f"{HOST}:9190", "key": "farm", "timeout": 5.0}}
     out = r.invoke(devices, ["list"]).output
     assert "pi" in out and "farm" in out and f"{HOST}:9190" in out
-    ep = remote.resolve_device("farm")
+    ep = config.resolve_device("farm")
     assert ep.tracker == (HOST, 9190) and ep.key == "farm" and ep.timeout == 20.0  # BDP_RPC_TIMEOUT wins
-    ep = remote.resolve_device("farm", tracker=f"{HOST}:9191", key="k2")  # the command line wins
+    ep = config.resolve_device("farm", tracker=f"{HOST}:9191", key="k2")  # the command line wins
     assert ep.tracker == (HOST, 9191) and ep.key == "k2"
     for bad in (["add", "x", "--rpc", "nohost"], ["add", "local", "--rpc", f"{HOST}:1"],
                 ["add", "y", "--rpc", f"{HOST}:1", "--tracker", f"{HOST}:2"], ["remove", "nosuch"]):
