@@ -1,0 +1,105 @@
+"""The shape of the code: one-way layers, no import loops, no file over 800 lines."""
+
+import ast
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FOLDERS = ("toolchain", "passes", "targets", "models")
+# what each layer may import from bdp (data flows model -> ONNX -> passes -> targets -> bundle)
+ALLOWED = {
+    "models": {"models", "errors", "files"},
+    "passes": {"passes", "errors", "files"},
+    "targets": {"targets", "passes", "errors", "files"},
+    "toolchain": {"toolchain", "targets", "passes", "models", "errors", "files", "__init__"},
+}
+
+
+def _modules():
+    out = {}
+    for folder in FOLDERS:
+        for dirpath, _, names in os.walk(os.path.join(ROOT, folder)):
+            for n in names:
+                if n.endswith(".py"):
+                    path = os.path.join(dirpath, n)
+                    rel = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+                    mod = "bdp." + (rel[: -len(".__init__")] if rel.endswith(".__init__") else rel)
+                    out[mod] = path
+    for n in ("__init__", "errors", "files"):
+        out["bdp" if n == "__init__" else f"bdp.{n}"] = os.path.join(ROOT, n + ".py")
+    return out
+
+
+def _imports(mod, path, top_level_only):
+    tree = ast.parse(open(path).read())
+    pkg = mod if path.endswith("__init__.py") else mod.rsplit(".", 1)[0]
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("bdp")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg.split(".")
+                base = base[: len(base) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            if name.startswith("bdp"):
+                found.add(name)
+                found |= {f"{name}.{a.name}" for a in node.names}
+    return found
+
+
+def test_layers_import_one_way():
+    mods = _modules()
+    bad = []
+    for mod, path in mods.items():
+        layer = mod.split(".")[1] if mod.count(".") >= 1 else "__init__"
+        if layer not in ALLOWED:
+            continue
+        for name in _imports(mod, path, top_level_only=False):
+            parts = name.split(".")
+            target = parts[1] if len(parts) > 1 else "__init__"
+            if target not in ALLOWED[layer]:
+                bad.append(f"{mod} imports {name}")
+    assert not bad, "\n".join(sorted(bad))
+
+
+def test_no_import_loops():
+    mods = _modules()
+    graph = {m: {i for i in _imports(m, p, top_level_only=True) if i in mods and i != m} for m, p in mods.items()}
+    # a package's __init__ importing its own submodules is how packages are built, not a loop
+    for m in graph:
+        graph[m] = {i for i in graph[m] if not (i.startswith(m + ".") and mods[m].endswith("__init__.py"))}
+    state, stack, loops = {}, [], []
+
+    def visit(m):
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                loops.append(stack[stack.index(n):] + [n])
+            elif n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+    assert not loops, "\n".join(" -> ".join(c) for c in loops)
+
+
+def test_no_file_over_800_lines():
+    long = []
+    for dirpath, dirs, names in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("docs", "__pycache__", "build")
+                   and not d.endswith(".egg-info")]
+        for n in names:
+            if n.endswith((".py", ".cc", ".c", ".h", ".md", ".toml")) and "fixtures" not in dirpath:
+                path = os.path.join(dirpath, n)
+                with open(path, errors="replace") as f:
+                    count = sum(1 for _ in f)
+                if count > 800:
+                    long.append(f"{os.path.relpath(path, ROOT)}: {count}")
+    assert not long, long
