@@ -10,11 +10,6 @@ is a 1x1 conv with ``M*s*s`` output channels ``(m, a, b)`` followed by ``DepthTo
 (weights ``+/-alpha_m``), so it runs packed. A BatchNormalization right after the transposed conv
 is folded into the 1x1 conv's weights and bias first (per output channel m, repeated over a, b).
 The same terms are summed for every output value, so the rewrite is exact.
-
-``sink-binarizer-maxpool``: ``MaxPool(sgn(x)) = sgn(MaxPool(x))`` for a threshold binarizer (a
-monotone map commutes with max; MaxPool's padding never wins a max). Moving the binarizer past the
-pool lets it fold into the binary conv that follows: a binary max-pool becomes a float max-pool of
-the pre-activation plus the packed conv's own binarize-and-pack.
 """
 
 from __future__ import annotations
@@ -88,33 +83,6 @@ def binary_convtranspose(model, report):
         report.fuse("binary-convtranspose", ct.name,
                     f"ConvTranspose {k}x{k}/{k} -> Conv 1x1 ({cin}->{mg * k * k} ch) + DepthToSpace"
                     + (f", {folded_bn.name} folded" if folded_bn is not None else ""))
-        changed = True
-    if changed:
-        graph.cleanup()
-    return from_gs(graph, model)
-
-
-@register_pass("sink-binarizer-maxpool", "MaxPool(sign(x)) -> sign(MaxPool(x)), so the binarizer folds into the "
-                                         "next binary conv")
-def sink_binarizer_maxpool(model, report):
-    graph = to_gs(model)
-    outs = {t.name for t in graph.outputs}
-    changed = False
-    for mp in [n for n in graph.nodes if n.op == "MaxPool"]:
-        if len(mp.outputs) != 1 or not isinstance(mp.inputs[0], gs.Variable):
-            continue
-        bt = mp.inputs[0]
-        b = binarizers.match(bt)
-        if b is None or not b.increasing or bt.name in outs:
-            continue  # max commutes with increasing maps only
-        pooled = gs.Variable(mp.name + "_pre", dtype=np.float32)
-        y = mp.outputs[0]
-        # the pool reads the pre-activation, a fresh binarizer of the same form reads the pool
-        pool = gs.Node("MaxPool", name=mp.name, attrs=dict(mp.attrs), inputs=[b.src], outputs=[pooled])
-        mp.inputs, mp.outputs = [], []
-        graph.nodes.append(pool)
-        binarizers.emit(graph, pooled, b, mp.name + "_bin", out=y)
-        report.fuse("sink-binarizer-maxpool", mp.name, f"binarizer ({b.kind}) moved after the max-pool")
         changed = True
     if changed:
         graph.cleanup()

@@ -1,4 +1,4 @@
-"""binary-convtranspose and sink-binarizer-maxpool: structure, onnxruntime before == after, and
+"""binary-convtranspose, binary-matmul and the binary max-pool (sink-binarizers): structure, onnxruntime before == after, and
 the compiled model equals onnxruntime with the binary layers packed."""
 
 from __future__ import annotations
