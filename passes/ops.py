@@ -206,8 +206,12 @@ def _ref(name, attr_type, ref):
     return a
 
 
-def binary_conv_function() -> onnx.FunctionProto:
-    """``bdp.BinaryConv`` as an ONNX function of standard ops (opset 18+)."""
+FUNCTION_MIN_OPSET = 18  # Pad with axes, BitwiseAnd
+
+
+def binary_conv_function(opset=FUNCTION_MIN_OPSET) -> onnx.FunctionProto:
+    """``bdp.BinaryConv`` as an ONNX function of standard ops, importing the default domain at
+    OPSET (18 or newer: the model's own, which ONNX requires a function to share)."""
     AP = onnx.AttributeProto
     nodes = []
 
@@ -281,7 +285,7 @@ def binary_conv_function() -> onnx.FunctionProto:
         ["X", "Wbits", "scale", "bias"],
         ["Y"],
         nodes,
-        [helper.make_opsetid("", 18)],
+        [helper.make_opsetid("", max(FUNCTION_MIN_OPSET, int(opset)))],
         attributes=["kernel_shape", "strides", "dilations", "pads", "group", "act_threshold",
                     "pad_value", "out_sign", "out_threshold"],
     )
@@ -312,17 +316,37 @@ FUNCTIONS = {BINARY_CONV: binary_conv_function}
 
 
 def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Make MODEL self-describing: opset import for ``bdp`` and a function body for each bdp op used."""
+    """Make MODEL self-describing: opset import for ``bdp`` and a function body for each bdp op
+    used, importing the model's own opset of the default domain (ONNX requires a function and its
+    model to agree). A model older than opset 18 (what the function bodies need) is converted to
+    18 first with ONNX's version converter, so its other nodes keep their meaning. Returns the
+    model (MODEL itself, or the converted copy)."""
     register_schemas()
     used = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
-    have = {(f.domain, f.name) for f in model.functions}
+    if not used:
+        return model
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), FUNCTION_MIN_OPSET)
+    if opset < FUNCTION_MIN_OPSET:
+        model = _upgrade_opset(model, FUNCTION_MIN_OPSET)
+        opset = FUNCTION_MIN_OPSET
+    keep = [f for f in model.functions if f.domain != DOMAIN]
+    del model.functions[:]
+    model.functions.extend(keep)
     for op in sorted(used):
-        if (DOMAIN, op) not in have:
-            model.functions.append(FUNCTIONS[op]())
-    if used:
-        if not any(o.domain == DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(DOMAIN, VERSION))
-        for o in model.opset_import:
-            if o.domain in ("", "ai.onnx") and o.version < 18:
-                o.version = 18
+        model.functions.append(FUNCTIONS[op](opset))
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, VERSION))
     return model
+
+
+def _upgrade_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    """MODEL converted to default-domain opset VERSION (ONNX's version converter; the bdp nodes,
+    of another domain, pass through). Where the converter cannot, the opset number is raised as
+    is when no node of the model changed meaning between the two versions."""
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, version)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:  # what the C++ converter raises
+        raise ValueError(f"cannot convert the model from its opset to {version} for the bdp function bodies "
+                         f"({str(e).strip().splitlines()[0][:160]}); export with opset_version>={version}") from None
