@@ -341,12 +341,13 @@ def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _upgrade_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
     """MODEL converted to default-domain opset VERSION (ONNX's version converter; the bdp nodes,
-    of another domain, pass through). Where the converter cannot, the opset number is raised as
-    is when no node of the model changed meaning between the two versions."""
+    of another domain, pass through); InputError where the converter cannot."""
     from onnx import version_converter
+
+    from bdp.errors import InputError
 
     try:
         return version_converter.convert_version(model, version)
     except (RuntimeError, ValueError, TypeError, IndexError) as e:  # what the C++ converter raises
-        raise ValueError(f"cannot convert the model from its opset to {version} for the bdp function bodies "
+        raise InputError(f"cannot convert the model from its opset to {version} for the bdp function bodies "
                          f"({str(e).strip().splitlines()[0][:160]}); export with opset_version>={version}") from None
