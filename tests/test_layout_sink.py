@@ -165,3 +165,38 @@ def test_concat_of_binarized_tensors_with_different_thresholds_packs():
              _const("w", _signs(rng, (9, 10, 3, 3), rng.uniform(0.2, 1, 9)))]
     model = _model(nodes, inits, (1, 5, 6, 7))
     _check(model, rng.standard_normal((1, 5, 6, 7)).astype(np.float32), 1)
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (2, 5, 64)])
+def test_rank2_and_rank3_inputs_compile_packed(shape, tmp_path):
+    """An MLP on [N, K] and a token MLP on [N, T, K]: Sign + MatMul layers pack, the bundle equals
+    onnxruntime, and an image given to it is refused with one line."""
+    import bdp
+    from PIL import Image
+
+    from conftest import assert_input_error, run_cli
+
+    rng = np.random.default_rng(7)
+    k = shape[-1]
+    w = _signs(rng, (32, k), rng.uniform(0.2, 1, 32)).T
+    w2 = _signs(rng, (10, 32)).T
+    nodes = [helper.make_node("Sign", ["x"], ["xb"]), helper.make_node("MatMul", ["xb", "w"], ["h"]),
+             helper.make_node("Add", ["h", "b"], ["h2"]), helper.make_node("Sign", ["h2"], ["hb"]),
+             helper.make_node("MatMul", ["hb", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape[:-1]) + [10])],
+                              [_const("w", w), _const("w2", w2), _const("b", rng.normal(0, 0.5, 32))])
+    path = tmp_path / "mlp.onnx"
+    import onnx
+
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(path))
+    out = bdp.compile(str(path), target="x86", out=str(tmp_path / "b"))
+    x = rng.standard_normal(shape).astype(np.float32)
+    want = run_onnxruntime(onnx.load(str(path)), {"x": x})[0]
+    got = bdp.load(out)(x)["y"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    import json
+
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["stats"]["binary_convs"] == 2
+    Image.new("RGB", (8, 8)).save(tmp_path / "img.png")
+    assert_input_error(run_cli("run", out, "--input", tmp_path / "img.png"), "not an image")

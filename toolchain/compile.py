@@ -88,6 +88,10 @@ def _stats(final, source, report):
 
 
 def _preprocess(info, shape):
+    """How ``bdp run`` turns an image into the input: for an NCHW input of 3 channels; any other
+    input takes a raw tensor (``.npy``) only."""
+    if len(shape) != 4 or shape[1] != 3:
+        return {"kind": "tensor"}
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     if info.get("arch"):
         try:
@@ -97,7 +101,8 @@ def _preprocess(info, shape):
             std = list(map(float, getattr(_data, "IMAGE_STD", std)))
         except ImportError:
             pass
-    return {"kind": "image", "layout": "NCHW", "channels": "RGB", "resize": [int(shape[2]), int(shape[3])],
+    return {"kind": "image", "layout": "NCHW", "channels": "RGB",
+            "resize": [int(shape[2]), int(shape[3])],
             "scale": 1.0 / 255.0, "mean": mean, "std": std}
 
 

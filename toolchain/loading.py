@@ -106,15 +106,17 @@ def load_exported_program(path):
 
 
 def parse_shape(text):
-    """'1,3,256,320' -> (1, 3, 256, 320); InputError on anything else."""
+    """'1,3,256,320' -> (1, 3, 256, 320) (any rank from 1 to 8: images N,C,H,W, but also [N, K]
+    for an MLP or [N, T, K] for a sequence); InputError on anything else."""
     if text is None:
         return None
+    what = f"--input-shape '{text}': expected positive integers separated by commas (N,C,H,W for images)"
     try:
         shape = tuple(int(s) for s in str(text).replace("x", ",").split(","))
     except ValueError:
-        raise InputError(f"--input-shape '{text}': expected N,C,H,W (four positive integers)") from None
-    if len(shape) != 4 or any(s <= 0 for s in shape):
-        raise InputError(f"--input-shape '{text}': expected N,C,H,W (four positive integers)")
+        raise InputError(what) from None
+    if not 1 <= len(shape) <= 8 or any(s <= 0 for s in shape):
+        raise InputError(what)
     return shape
 
 

@@ -63,6 +63,9 @@ def load_input(path, manifest) -> tuple[np.ndarray, np.ndarray | None]:
             raise InputError(f"{path}: array has shape {tuple(x.shape)}, the bundle expects {want}")
         return x.astype(np.float32), None
     if ext in IMAGE_EXTS:
+        if inp.get("preprocess", {}).get("kind", "image") != "image":
+            raise InputError(f"{path}: this bundle's input {inp['name']} {list(inp['shape'])} is not an image; "
+                             "pass the tensor as a .npy file")
         return load_image(path, inp.get("preprocess", {}), inp["shape"])
     raise InputError(f"{path}: unknown input type '{ext}' (expected .npy or an image: {', '.join(IMAGE_EXTS)})")
 
