@@ -249,6 +249,11 @@ def passes_cmd():
     click.echo("pipelines:")
     for name, names in PIPELINES.items():
         click.echo(f"  {name:<22} {' -> '.join(names)}")
+    from bdp.passes.binarizers import describe
+
+    click.echo("binarizer forms recognised (bdp.passes.binarizers):")
+    for name, what in describe():
+        click.echo(f"  {name:<22} {what}")
 
 
 @main.command("run")
