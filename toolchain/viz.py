@@ -148,7 +148,7 @@ def _normals_key() -> np.ndarray:
 
 
 def _draw_key(fig, key, x, y, w, H, W):
-    """Draw KEY in the box at pixel (x, y) (top left, y down) of width W_ under a panel."""
+    """Draw KEY in the box at pixel (x, y) (top left, y down) of width w under a panel."""
     from matplotlib.patches import Patch
 
     kind = key.get("kind")
@@ -231,6 +231,8 @@ def save_pictures(viz_dir, outputs: dict, manifest, image=None, x=None, source=N
                else f"{w}x{h}, the preprocessing undone")
         inp = {"title": f"input: {what}\n{how}", "rgb": base, "key": {"kind": "text", "text": ""}}
     panels, written = [], []
+    batch = max((np.asarray(y).shape[0] for y in outputs.values() if np.ndim(y) == 4), default=1)
+    of = f" (batch element 0 of {batch})" if batch > 1 else ""
     for name, y in outputs.items():
         y = np.asarray(y)
         if y.ndim != 4:
@@ -239,11 +241,11 @@ def save_pictures(viz_dir, outputs: dict, manifest, image=None, x=None, source=N
         p["title"] += f"\n{y.shape[3]}x{y.shape[2]} output, {y.shape[1]} channel{'s' if y.shape[1] > 1 else ''}"
         panels.append(p)
         path = os.path.join(viz_dir, f"{name}.png")
-        draw(path, ([inp] if inp else []) + [p], f"{model} ({target} bundle): {name}")
+        draw(path, ([inp] if inp else []) + [p], f"{model} ({target} bundle): {name}{of}")
         written.append(path)
     if panels:
         path = os.path.join(viz_dir, "overview.png")
         draw(path, ([inp] if inp else []) + panels,
-             f"{model} ({target} bundle): the input and its {len(panels)} dense output{'s' if len(panels) > 1 else ''}")
+             f"{model} ({target} bundle): the input and its {len(panels)} dense output{'s' if len(panels) > 1 else ''}{of}")
         written.append(path)
     return written
