@@ -85,10 +85,10 @@ def test_image_in_pictures_out(x86_bundle, tmp_path):
     assert p.returncode == 0, p.stderr
     out = dict(np.load(tmp_path / "o.npz"))
     assert set(out) == {"semseg", "depth"}
-    for name in ("semseg.png", "depth.png", "overview.png"):
+    for name in ("semseg.png", "depth.png", "overview.png"):  # the panels: tests/test_charts.py
         im = Image.open(tmp_path / "viz" / name)
-        assert im.size[1] == SHAPE[2] and im.mode == "RGB"
-    assert Image.open(tmp_path / "viz" / "overview.png").size[0] == 3 * SHAPE[3]
+        assert im.size[0] >= 2 * 320 and im.size[1] > 320 * SHAPE[2] // SHAPE[3]
+    assert Image.open(tmp_path / "viz" / "overview.png").size[0] >= 3 * 320
     # the image path preprocesses as the manifest says: same result as the .npy of the same tensor
     from bdp.toolchain.run import load_image
 

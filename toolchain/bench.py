@@ -365,29 +365,10 @@ def summarize(res) -> dict:
 
 
 def write_chart(path, res):
+    """The chart of RES at PATH (.png or .svg): latencies and speed-ups (:mod:`.bench_chart`)."""
     from .bench_chart import speedup_chart
 
-    sections = []
-    layers = [r for r in res.get("layers", []) if "error" not in r]
-    if layers:
-        series = ["vs onnxruntime", "vs PyTorch", "vs TVM scheduled"]
-        keys = ["onnxruntime_fp32", "torch_fp32", "tvm_scheduled_fp32"]
-        sections.append({"title": "binary 3x3 conv layer (float in/out) - speed-up over FP32 of the same conv",
-                         "target": TARGETS["layer_geomean"], "series": series,
-                         "rows": [(f"{r['c_in']}x{r['h']}x{r['w']}  {r['bdp']['median_ms']:.3f} ms",
-                                   [r["speedup"][k] for k in keys]) for r in layers]})
-    models = [r for r in res.get("models", []) if "error" not in r]
-    if models:
-        sections.append({"title": "zoo models at 256x320 - speed-up over onnxruntime FP32",
-                         "target": TARGETS["model_each"], "series": ["vs onnxruntime"],
-                         "rows": [(f"{r['arch']}  {r['bdp']['median_ms']:.1f} ms", [r["speedup_vs_onnxruntime"]])
-                                  for r in models]})
-    if not sections:
-        sections.append({"title": "no results", "target": None, "series": [], "rows": []})
-    host = res.get("host", {})
-    title = (f"bdp bench - {host.get('cpu', '')}, {res.get('threads')} threads, target {res.get('target', {}).get('name')}"
-             f"{' (quick)' if res.get('quick') else ''}")
-    return speedup_chart(path, title, sections)
+    return speedup_chart(path, res)
 
 
 def _write_json(path, res):

@@ -285,7 +285,7 @@ def run_cmd(bundle, input_path, out, viz):
 @click.option("--runs", type=int, default=50, show_default=True)
 @click.option("--warmup", type=int, default=5, show_default=True)
 @click.option("--json", "json_path", default=None, help="write the results as JSON")
-@click.option("--chart", default=None, help="write a PNG chart")
+@click.option("--chart", default=None, help="write a chart: FILE.png or FILE.svg")
 @guarded
 def profile_cmd(bundle, device, rpc, tracker, key, runs, warmup, json_path, chart):
     """Latency of a bundle: median, p90, p99, per-op breakdown, FP32 baseline beside it."""
@@ -293,6 +293,10 @@ def profile_cmd(bundle, device, rpc, tracker, key, runs, warmup, json_path, char
     from . import profile as prof
 
     prof.check_runs(runs)
+    if chart:
+        from .charts import chart_format
+
+        chart_format(chart)  # a wrong extension fails before the measuring
     if rpc or tracker or device != "local":
         from . import remote
 
@@ -311,7 +315,7 @@ def profile_cmd(bundle, device, rpc, tracker, key, runs, warmup, json_path, char
 
 @main.command("bench")
 @click.option("--json", "json_path", default="bench.json", show_default=True)
-@click.option("--chart", default="bench.png", show_default=True)
+@click.option("--chart", default="bench.png", show_default=True, help="the chart: FILE.png or FILE.svg")
 @click.option("--quick", is_flag=True, help="fewer runs and smaller models (a smoke run, not for the README)")
 @click.option("--only", type=click.Choice(["layers", "models", "all"]), default="all", show_default=True)
 @guarded
@@ -319,7 +323,9 @@ def bench_cmd(json_path, chart, quick, only):
     """The performance suite: binary conv layers and zoo models vs onnxruntime / TVM / PyTorch FP32."""
     _quiet_tvm()
     from . import bench
+    from .charts import chart_format
 
+    chart_format(chart)  # a wrong extension fails before the suite's minutes of measuring
     bench.run(json_path=json_path, chart=chart, quick=quick, only=only)
 
 

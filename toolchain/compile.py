@@ -87,6 +87,18 @@ def _stats(final, source, report):
     }
 
 
+def _class_names(model, info):
+    """The segmentation class names of a bdp checkpoint trained on the synthetic scene set (or not
+    trained: its classes are that set's by construction), else None (folder data carries no names)."""
+    if info.get("source") != "checkpoint" or not info.get("arch"):
+        return None
+    from bdp.models.checkpoint import read_checkpoint
+    from bdp.models.data import CLASS_NAMES
+
+    train = (read_checkpoint(str(model)).get("meta") or {}).get("train") or {}
+    return list(CLASS_NAMES) if train.get("data", "synth") == "synth" else None
+
+
 def _preprocess(info, shape):
     """How ``bdp run`` turns an image into the input: for an NCHW input of 3 channels; any other
     input takes a raw tensor (``.npy``) only."""
@@ -168,6 +180,10 @@ def compile_model(model, target="x86", out="bundle", *, input_shape=None, pipeli
     out_names = [o.name for o in final.graph.output]
     outputs = [{"name": n, "shape": list(a.shape), "dtype": str(a.dtype), "task": task_of(n)}
                for n, a in zip(out_names, ref_outs)]
+    classes = _class_names(model, info)
+    for o in outputs:
+        if o["task"] == "semseg" and classes and len(o["shape"]) == 4 and o["shape"][1] == len(classes):
+            o["classes"] = classes  # for the pictures' legend (bdp run --viz)
     stages("import")
     mod = import_onnx(final, {inp.name: list(shape)}, spec, options)
     stages("build")

@@ -244,15 +244,11 @@ def write_json(path, res):
 
 
 def chart_png(path, res):
-    """A bar chart: latency (bdp vs FP32) and the top ops."""
-    from .charts import bar_chart
+    """The profile chart at PATH (.png or .svg): latency beside the baselines, per-op stacked bar
+    (:func:`bdp.toolchain.charts.profile_chart`)."""
+    from .charts import profile_chart
 
-    bars = [("bdp median", res["latency"]["median_ms"])]
-    if res.get("fp32_onnxruntime"):
-        bars.append(("ORT FP32 median", res["fp32_onnxruntime"]["median_ms"]))
-    for r in res.get("per_op", [])[:10]:
-        bars.append((r["op"][:40], r["total_ms"]))
-    bar_chart(path, f"bdp profile: {res['target']} on {res['device']} (ms)", bars)
+    return profile_chart(path, res)
 
 
 def check_runs(runs):

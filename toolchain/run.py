@@ -10,6 +10,7 @@ import numpy as np
 from bdp.errors import InputError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
+MAX_IMAGE_PIXELS = 64_000_000  # input images larger than this are refused (decompression bombs)
 
 
 def load_npy(path) -> np.ndarray:
@@ -28,26 +29,46 @@ def load_npy(path) -> np.ndarray:
 
 
 def load_image(path, preprocess: dict, shape) -> tuple[np.ndarray, np.ndarray]:
-    """(network input [1, 3, H, W] float32, the resized RGB image uint8 [H, W, 3])."""
-    from PIL import Image, UnidentifiedImageError
+    """(network input [N, 3, H, W] float32, the resized RGB image uint8 [H, W, 3]).
+
+    Pillow reads the file (the EXIF orientation applied, as a photo viewer shows it), converts it
+    to RGB and resizes it to the bundle's H x W (bilinear); numpy scales and normalises it as the
+    manifest's ``preprocess`` says. Images over :data:`MAX_IMAGE_PIXELS` are refused from their
+    header, before anything is decoded (a small file can declare a huge image)."""
+    import warnings
+
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = str(path)
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            rgb = im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise InputError(f"{path}: not a readable image ({str(e).splitlines()[0][:160]})") from None
     n, c, h, w = shape
     if c != 3:
         raise InputError(f"{path}: the bundle's input has {c} channels; images give 3 (pass a .npy)")
-    rgb = rgb.resize((w, h), Image.BILINEAR)
+    limit = f"the {MAX_IMAGE_PIXELS / 1e6:.0f} megapixel limit for input images"
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns from ~89 MP and raises from ~179 MP; bdp's own, lower cap decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                iw, ih = im.size
+                if iw * ih > MAX_IMAGE_PIXELS:
+                    raise InputError(f"{path}: image of {iw}x{ih} pixels ({iw * ih / 1e6:.0f} megapixels) "
+                                     f"is over {limit}")
+                im.load()
+                rgb = ImageOps.exif_transpose(im).convert("RGB")
+    except Image.DecompressionBombError:
+        raise InputError(f"{path}: image is over {limit} (a decompression bomb?)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise InputError(f"{path}: not a readable image ({msg})") from None
+    if rgb.size != (w, h):
+        rgb = rgb.resize((w, h), Image.Resampling.BILINEAR)
     arr = np.asarray(rgb, dtype=np.uint8)
-    x = arr.astype(np.float32) * float(preprocess.get("scale", 1 / 255.0))
-    x = (x - np.asarray(preprocess.get("mean", [0, 0, 0]), np.float32)) / np.asarray(preprocess.get("std", [1, 1, 1]), np.float32)
-    x = np.ascontiguousarray(x.transpose(2, 0, 1)[None].astype(np.float32))
+    mean = np.asarray(preprocess.get("mean", [0, 0, 0]), np.float32)
+    std = np.asarray(preprocess.get("std", [1, 1, 1]), np.float32)
+    x = (arr.astype(np.float32) * np.float32(preprocess.get("scale", 1 / 255.0)) - mean) / std
+    x = np.ascontiguousarray(x.transpose(2, 0, 1)[None])
     if n != 1:
         x = np.repeat(x, n, axis=0)
     return x, arr
@@ -112,5 +133,5 @@ def run_bundle(bundle_dir, input_path, out_path=None, viz_dir=None):
     if viz_dir:
         from .viz import save_pictures
 
-        save_pictures(viz_dir, outputs, manifest, image=image, x=x)
+        save_pictures(viz_dir, outputs, manifest, image=image, x=x, source=input_path)
     return outputs
