@@ -22,14 +22,23 @@ rounding (the order of sums differs), by construction:
   non-linear function of two batch means. The loss every rank logs is thus the global batch's.
 * BatchNorm: batch statistics of the global batch. CUDA: ``torch.nn.SyncBatchNorm``. Its
   forward refuses CPU tensors (torch 2.13: "SyncBatchNorm expected input tensor to be on GPU"),
-  so CPU runs use :class:`GlobalBatchNorm2d`: the per-channel sums are all-reduced by a
-  differentiable all-reduce whose backward all-reduces their gradients, as SyncBatchNorm's
-  backward does.
+  so CPU runs use :class:`GlobalBatchNorm2d`, SyncBatchNorm's algorithm (per-channel sums
+  all-reduced in the forward, the sums of dy and (x - mean) dy in the backward) in torch's CPU
+  BatchNorm arithmetic, so that its forward is one process's to the bit.
 * Noise (the VIB of ``bi-mtdp-f``, :func:`randn_like_batch`): every rank draws the global batch's
   noise from its RNG (seeded alike, drawing alike, so equal on all ranks) and keeps its rows: the
   samples and the RNG stream are the single process's.
 
 Only rank 0 evaluates, writes checkpoints and shows progress; the others wait at a barrier.
+
+"To float rounding" is as close as two float computations of a binary net come: sums in another
+order differ in the last bits, and a sign that lands on exactly 0 may fall either way, or Adam's
+first step ``lr * g / (|g| + 1e-8)`` turn a gradient entry of round-off size into +-lr. The
+tests see per-step losses within 1e-7 and weights within 1e-4 (relative L2) for ``bireal-tiny``
+and ``bi-mtdp-f``. Some untrained nets are chaotic in float: ``bnn-baseline``'s first gradient
+changes by O(1) in places when one process merely permutes its batch (BatchNorm over channels
+of near-equal values divides round-off by sqrt(eps)), so no two runs of it agree closely, with
+any number of processes.
 """
 
 from __future__ import annotations

@@ -388,8 +388,12 @@ def _amp(device, amp):
     return dtype, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
-def _loss(net, x, tg, tcfg, teacher, is_mti):
-    """The training loss of one (micro-)batch: tasks, deep supervision, VIB KL, distillation."""
+def batch_loss(net, x, tg, tcfg, teacher=None, is_mti=None):
+    """The training loss of one (micro-)batch: tasks, deep supervision, VIB KL, distillation
+    (TCFG: the settings of :data:`TRAIN_DEFAULTS`, ``depth_loss`` resolved). NET may be the
+    model or its DistributedDataParallel wrapper (then IS_MTI says whether it is an MTI-Net)."""
+    if is_mti is None:
+        is_mti = hasattr(net, "widths")
     if is_mti:
         outputs, aux = net(x, return_aux=True)
     else:
@@ -451,7 +455,7 @@ def _fit(p, rt, out, arch, amp, progress):
                 tg = {k: v.to(dev, non_blocking=True) for k, v in tg.items()}
                 with global_batch(rt), torch.autocast(dev.type, dtype=amp_dtype or torch.bfloat16,
                                                       enabled=amp_dtype is not None):
-                    loss = _loss(net, x, tg, tcfg, teacher, is_mti)
+                    loss = batch_loss(net, x, tg, tcfg, teacher, is_mti)
                 value = rt.mean_scalar(loss)  # the global batch's loss on every rank already; the same on all
                 if not math.isfinite(value):
                     raise RuntimeError(f"loss became {value} at step {step} (epoch {epoch})")

@@ -5,6 +5,7 @@ writes the checkpoint; bad settings fail in one line."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,7 +19,6 @@ from bdp.models import distributed as DD
 from bdp.models.checkpoint import read_checkpoint, save_checkpoint
 from bdp.models.train import train
 from bdp.models import zoo
-from conftest import assert_input_error, run_cli
 
 torch.set_num_threads(1)
 
@@ -70,7 +70,8 @@ def _assert_same_training(got, want):
     """Per-step losses within RTOL; final weights (parameters and BatchNorm statistics) close.
     (Not equal to the last bit: a gradient entry near 0 that float round-off moves by 1e-12 can
     still turn Adam's first step, lr * g / (|g| + 1e-8), from +lr to -lr; so the measure is the
-    relative L2 distance of all weights and the share of entries apart by more than 1e-5.)"""
+    relative L2 distance of all weights; the gradients themselves are compared in
+    test_two_processes_compute_the_gradient_of_one.)"""
     lg, lw = _step_losses(got), _step_losses(want)
     assert len(lg) == len(lw) > 0, (lg, lw)
     rel = max(abs(a - b) / abs(b) for a, b in zip(lg, lw))
@@ -87,7 +88,7 @@ def _assert_same_training(got, want):
     l2, share = float(d.norm() / w.norm()), float((d.abs() > 1e-5).double().mean())
     print(f"final weights: relative L2 difference {l2:.2e}, {100 * share:.3f}% of {d.numel()} entries differ "
           f"by > 1e-5, largest difference {float(d.abs().max()):.2e}")
-    assert l2 <= 1e-3 and share <= 0.01
+    assert l2 <= 1e-3
     return rel
 
 
@@ -144,6 +145,85 @@ def test_global_batchnorm_is_batchnorm_outside_data_parallel():
 # ---------------------------------------------------------------------------------------------
 # 2 processes against 1
 
+GRAD_WORKER = """
+import json, sys
+import torch
+from bdp.models import data as DA, distributed as D, zoo
+from bdp.models.train import TRAIN_DEFAULTS, batch_loss
+
+torch.set_num_threads(1)
+rt = D.setup("cpu")
+tcfg = dict(TRAIN_DEFAULTS, depth_loss="silog")
+half = slice(2 * rt.rank, 2 * rt.rank + 2)
+report = {}
+
+
+def grads(model, x, tg, teacher, step):
+    torch.manual_seed(5)  # the VIB's noise
+    loss = step(model, x, tg, teacher)
+    loss.backward()
+    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def compare(got, want):
+    top = max(float(g.abs().max()) for g in want[1].values())
+    worst = max(float((got[1][n] - want[1][n]).abs().max()) / max(float(want[1][n].abs().max()), 1e-6 * top)
+                for n in want[1])
+    return {"loss": [got[0], want[0]], "grad_rel": worst}
+
+
+for arch, kw in (("bireal-tiny", {}), ("bi-mtdp-f", dict(width=8, tasks=["semseg", "depth"]))):
+    torch.manual_seed(0)
+    ref = zoo.build(arch, **kw).train()
+    teacher = zoo.build("mtinet", **kw).eval() if arch == "bi-mtdp-f" else None
+    ds = DA.SyntheticScenes(4, (32, 40), seed=1, tasks=ref.tasks)
+    x = torch.stack([ds[i][0] for i in range(4)])
+    tg = {k: torch.stack([ds[i][1][k] for i in range(4)]) for k in ds[0][1]}
+    mti = hasattr(ref, "widths")
+    one = grads(ref, x, tg, teacher, lambda m, x, tg, t: batch_loss(m, x, tg, tcfg, t, mti))
+
+    def sharded(m, x, tg, t):
+        with D.global_batch(rt):
+            return batch_loss(m, x[half], {k: v[half] for k, v in tg.items()}, tcfg, t, mti)
+
+    net = zoo.build(arch, **kw).train()
+    net.load_state_dict(ref.state_dict())
+    ddp = rt.wrap(net)
+    two = grads(ddp, x, tg, teacher, sharded)
+    two = (two[0], {n.removeprefix("module."): g for n, g in two[1].items()})
+    report[arch] = compare(two, one)
+    if arch == "bireal-tiny":  # the plain DDP recipe (per-rank BatchNorm, per-rank loss means)
+        plain = zoo.build(arch, **kw).train()
+        plain.load_state_dict(ref.state_dict())
+        pddp = torch.nn.parallel.DistributedDataParallel(plain)
+        three = grads(pddp, x, tg, None, lambda m, x, tg, t: batch_loss(
+            m, x[half], {k: v[half] for k, v in tg.items()}, tcfg, None, mti))
+        report["plain-ddp"] = compare((three[0], {n.removeprefix("module."): g for n, g in three[1].items()}), one)
+if rt.rank == 0:
+    with open(sys.argv[1], "w") as f:
+        json.dump(report, f)
+rt.close()
+"""
+
+
+def test_two_processes_compute_the_gradient_of_one(tmp_path):
+    """One step, 2 processes (gloo) against 1 on the same 4 samples: the loss and every parameter's
+    gradient after DDP's averaging. bireal-tiny with the SILog depth loss; bi-mtdp-f (VIB noise,
+    deep supervision) distilled from an mtinet. The plain DDP recipe (per-rank BatchNorm and loss
+    means) is measured beside them: it does not agree."""
+    script = tmp_path / "grad_worker.py"
+    script.write_text(GRAD_WORKER)
+    p = _torchrun(tmp_path, str(script), str(tmp_path / "report.json"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    print(report)
+    for arch in ("bireal-tiny", "bi-mtdp-f"):
+        got, want = report[arch]["loss"]
+        assert abs(got - want) <= 1e-6 * abs(want), (arch, got, want)
+        assert report[arch]["grad_rel"] <= 1e-4, (arch, report[arch])
+    assert report["plain-ddp"]["grad_rel"] > 1e-2, report["plain-ddp"]
+
+
 
 def test_two_processes_train_as_one_with_resume(tmp_path):
     """bireal-tiny (BatchNorm, binary convs): `bdp train --nproc 2` for 1 epoch, then the
@@ -194,6 +274,17 @@ def test_two_processes_distill_as_one(tmp_path):
     assert _writes(tmp_path, tmp_path / "dp.pt") == ["0"]
 
 
+def test_cpu_autocast_trains_near_float32(tmp_path):
+    """--amp on the CPU: bfloat16 autocast; its first loss (before any update) is float32's to
+    bfloat16 precision."""
+    kw = dict(epochs=1, size=(32, 40), n_train=4, batch_size=4, n_val=2, progress=False, device="cpu")
+    f32 = read_checkpoint(train("bireal-tiny", str(tmp_path / "f.pt"), amp=False, **kw))["meta"]
+    bf16 = read_checkpoint(train("bireal-tiny", str(tmp_path / "b.pt"), amp=True, **kw))["meta"]
+    assert f32["train"]["amp"] is None and bf16["train"]["amp"] == "bfloat16"
+    a, b = bf16["history"][0]["step_losses"][0], f32["history"][0]["step_losses"][0]
+    assert a != b and abs(a - b) <= 0.02 * abs(b), (a, b)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad settings: one line, exit 2
 
@@ -207,6 +298,10 @@ def test_two_processes_distill_as_one(tmp_path):
     (["--batch-size", "0"], "--batch-size 0"),
     (["--device", "tpu"], "--device 'tpu'"),
     (["--workers", "-1"], "--workers -1"),
+    pytest.param(["--device", "cuda"], "--device cuda: no CUDA device", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="the error of a machine without a GPU")),
+    pytest.param(["--device", "cuda", "--nproc", "2"], "--device cuda: no CUDA device", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="the error of a machine without a GPU")),
 ])
 def test_bad_settings_fail_in_one_line(tmp_path, args, needle):
     from click.testing import CliRunner
@@ -220,12 +315,9 @@ def test_bad_settings_fail_in_one_line(tmp_path, args, needle):
     assert not (tmp_path / "x.pt").exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without a GPU")
-def test_cuda_without_gpu_fails_in_one_line(tmp_path):
-    p = run_cli("train", "bireal-tiny", "-o", tmp_path / "x.pt", "--device", "cuda", "--nproc", "2")
-    assert_input_error(p, "--device cuda", "no CUDA device")
 
 
+@pytest.mark.slow
 def test_worker_failure_is_one_line(tmp_path, capfd):
     """An error only the workers see (here: the launcher's own checks skipped) comes back as one
     line of rank 0, exit code 2, torchrun's traceback held back."""

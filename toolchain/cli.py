@@ -150,6 +150,7 @@ def train_cmd(arch, out, data, epochs, teacher, size, n_train, batch_size, width
             raise InputError("--nproc starts torchrun itself; leave it out when running under torchrun")
         if nproc < 1:
             raise InputError(f"--nproc {nproc}: must be at least 1")
+    if nproc is not None and nproc > 1:
         dev = _dist.resolve_device(device)
         if dev.type == "cuda":
             import torch
@@ -159,16 +160,15 @@ def train_cmd(arch, out, data, epochs, teacher, size, n_train, batch_size, width
         # the checks every worker would make, here, so that bad input fails in one line
         _train.prepare(arch, out, epochs, data, teacher, hw, resume=resume, seed=seed, world=nproc,
                        **{**kw, "workers": workers})
-        if nproc > 1:
-            args = ["train", arch, "-o", out, "--data", data, "--epochs", epochs, "--size", size, "--seed", seed,
-                    "--device", dev.type, "--workers", workers]
-            args += [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
-            args += (["--teacher", teacher] if teacher else []) + (["--resume"] if resume else [])
-            args += [] if amp is None else ["--amp" if amp else "--no-amp"]
-            code, msg = _dist.launch(args, nproc)  # rank 0 says "wrote OUT"
-            if code:
-                _fail(msg, code)
-            return
+        args = ["train", arch, "-o", out, "--data", data, "--epochs", epochs, "--size", size, "--seed", seed,
+                "--device", dev.type, "--workers", workers]
+        args += [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
+        args += (["--teacher", teacher] if teacher else []) + (["--resume"] if resume else [])
+        args += [] if amp is None else ["--amp" if amp else "--no-amp"]
+        code, msg = _dist.launch(args, nproc)  # rank 0 says "wrote OUT"
+        if code:
+            _fail(msg, code)
+        return
     rank = int(os.environ.get("RANK", "0") or 0)  # under torchrun: only rank 0 speaks
     try:
         path = _train.train(arch, out, epochs=epochs, data=data, teacher=teacher, size=hw, resume=resume, seed=seed,
