@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -227,7 +228,8 @@ def test_two_processes_compute_the_gradient_of_one(tmp_path):
 
 def test_two_processes_train_as_one_with_resume(tmp_path):
     """bireal-tiny (BatchNorm, binary convs): `bdp train --nproc 2` for 1 epoch, then the
-    plain torchrun line resuming for a second, against one process doing the same. (A run of 1
+    plain torchrun line resuming for a second (and, from the same checkpoint, one process),
+    against one process doing the same. (A run of 1
     epoch resumed to 2 is not a run of 2: the learning rate schedule spans the epochs asked for.)"""
     ref = str(tmp_path / "ref.pt")
     for epochs in (1, 2):
@@ -243,6 +245,9 @@ def test_two_processes_train_as_one_with_resume(tmp_path):
     assert p.stdout.count("wrote") == 1, p.stdout
     assert read_checkpoint(out)["meta"]["epoch"] == 0
     assert read_checkpoint(out)["meta"]["train"]["world_size"] == 2
+    mixed = tmp_path / "mixed.pt"  # epoch 2 of this run in one process
+    shutil.copy(out, mixed)
+    train("bireal-tiny", str(mixed), epochs=2, resume=True, progress=False, device="cpu", **SMALL)
     p = _torchrun(tmp_path, "-m", "bdp.toolchain.cli", "train", *common, "--epochs", "2", "--resume")
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.count("wrote") == 1, p.stdout
@@ -250,6 +255,7 @@ def test_two_processes_train_as_one_with_resume(tmp_path):
     assert ck["meta"]["epoch"] == 1 and ck["meta"]["step"] == 4
     assert [h["epoch"] for h in ck["meta"]["history"]] == [0, 1]
     _assert_same_training(str(out), ref)
+    _assert_same_training(str(mixed), ref)
     # the checkpoint: written once an epoch, by rank 0 only, atomically (no temporary files left)
     assert _writes(tmp_path, out) == ["0", "0"]
     _no_temp_files(out.parent)
