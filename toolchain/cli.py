@@ -120,7 +120,8 @@ def init_cmd(arch, out, width, seed):
 @click.option("--resume", is_flag=True, help="continue from the checkpoint at -o")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (cuda when available), cuda or cpu")
-@click.option("--amp/--no-amp", default=None, help="mixed precision (torch.autocast) [default: on for cuda, off for cpu]")
+@click.option("--amp/--no-amp", default=None,
+              help="mixed precision (torch.autocast) [default: on for cuda, off for cpu]")
 @click.option("--nproc", type=int, default=None,
               help="data-parallel processes on this machine: starts torchrun (one process per GPU with cuda)")
 @click.option("--workers", type=int, default=0, show_default=True, help="data loader processes per training process")
