@@ -119,13 +119,24 @@ def init_cmd(arch, out, width, seed):
 @click.option("--teacher", default=None, help="teacher checkpoint (mtinet) for bi-mtdp-f")
 @click.option("--size", default="64,80", show_default=True, help="training resolution H,W")
 @click.option("--n-train", type=int, default=None, help="number of synthetic training scenes")
-@click.option("--batch-size", type=int, default=None)
+@click.option("--batch-size", type=int, default=None, help="global batch size (split among --nproc processes)")
 @click.option("--width", type=int, default=None, help="base channel width")
 @click.option("--resume", is_flag=True, help="continue from the checkpoint at -o")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (cuda when available), cuda or cpu")
+@click.option("--amp/--no-amp", default=None,
+              help="mixed precision (torch.autocast) [default: on for cuda, off for cpu]")
+@click.option("--nproc", type=int, default=None,
+              help="data-parallel processes on this machine: starts torchrun (one process per GPU with cuda)")
+@click.option("--workers", type=int, default=0, show_default=True, help="data loader processes per training process")
 @guarded
-def train_cmd(arch, out, data, epochs, teacher, size, n_train, batch_size, width, resume, seed):
-    """Train an architecture on the synthetic multi-task scene set (or a data folder)."""
+def train_cmd(arch, out, data, epochs, teacher, size, n_train, batch_size, width, resume, seed, device, amp, nproc,
+              workers):
+    """Train an architecture on the synthetic multi-task scene set (or a data folder).
+
+    Data-parallel: --nproc N, or start this command under torchrun (torchrun --nproc-per-node N
+    -m bdp.toolchain.cli train ...); the result equals one process's for the same --batch-size."""
+    from bdp.models import distributed as _dist
     from bdp.models import train as _train
     from bdp.models import zoo
 
@@ -136,10 +147,48 @@ def train_cmd(arch, out, data, epochs, teacher, size, n_train, batch_size, width
         assert len(hw) == 2 and min(hw) > 0
     except (ValueError, AssertionError):
         raise InputError(f"--size '{size}': expected H,W") from None
+    if workers < 0:
+        raise InputError(f"--workers {workers}: must be 0 or more")
     kw = {k: v for k, v in dict(n_train=n_train, batch_size=batch_size, width=width).items() if v is not None}
-    path = _train.train(arch, out, epochs=epochs, data=data, teacher=teacher, size=hw, resume=resume, seed=seed,
-                        progress=True, **kw)
-    click.echo(f"wrote {path}")
+    if nproc is not None:
+        if os.environ.get("RANK") is not None and os.environ.get("WORLD_SIZE") is not None:
+            raise InputError("--nproc starts torchrun itself; leave it out when running under torchrun")
+        if nproc < 1:
+            raise InputError(f"--nproc {nproc}: must be at least 1")
+    if nproc is not None and nproc > 1:
+        dev = _dist.resolve_device(device)
+        if dev.type == "cuda":
+            import torch
+
+            if torch.cuda.device_count() < nproc:
+                raise InputError(f"--nproc {nproc} with --device cuda: only {torch.cuda.device_count()} GPU(s) visible")
+        # the checks every worker would make, here, so that bad input fails in one line
+        _train.prepare(arch, out, epochs, data, teacher, hw, resume=resume, seed=seed, world=nproc,
+                       **{**kw, "workers": workers})
+        args = ["train", arch, "-o", out, "--data", data, "--epochs", epochs, "--size", size, "--seed", seed,
+                "--device", dev.type, "--workers", workers]
+        args += [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
+        args += (["--teacher", teacher] if teacher else []) + (["--resume"] if resume else [])
+        args += [] if amp is None else ["--amp" if amp else "--no-amp"]
+        code, msg = _dist.launch(args, nproc)  # rank 0 says "wrote OUT"
+        if code:
+            _fail(msg, code)
+        return
+    rank = int(os.environ.get("RANK", "0") or 0)  # under torchrun: only rank 0 speaks
+    try:
+        path = _train.train(arch, out, epochs=epochs, data=data, teacher=teacher, size=hw, resume=resume, seed=seed,
+                            progress=True, device=device, amp=amp, workers=workers, **kw)
+    except InputError as e:
+        if _dist.report_failure(2, e) or rank != 0:
+            sys.exit(2)
+        raise
+    except Exception as e:  # reported to `bdp train --nproc`, which prints it; else guarded does
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if not os.environ.get("BDP_DEBUG") and _dist.report_failure(1, f"internal error: {type(e).__name__}: {first}"):
+            sys.exit(1)
+        raise
+    if rank == 0:
+        click.echo(f"wrote {path}")
 
 
 @main.command("eval")
