@@ -15,6 +15,8 @@ import click
 from bdp.errors import InputError
 
 TARGETS = ("x86", "x86-avx2", "x86-avx512", "arm64", "rpi4", "cuda")
+TRUST_HELP = ("load a .pt2 with torch.export.load as is: it may run code from the file (pickles, sympy "
+              "strings); only for files you trust. Without it bdp inspects the archive and refuses such content")
 
 
 def _fail(msg, code):
@@ -161,8 +163,9 @@ def eval_cmd(model, data, n_eval, size):
 @click.option("-o", "--output", "out", required=True, help="ONNX file to write")
 @click.option("--input-shape", default=None, help="N,C,H,W where the model leaves it open")
 @click.option("--plain", is_flag=True, help="standard ops only (no bdp ops): the float graph as exported")
+@click.option("--trust-model", is_flag=True, help=TRUST_HELP)
 @guarded
-def export_cmd(model, out, input_shape, plain):
+def export_cmd(model, out, input_shape, plain, trust_model):
     """Export MODEL to ONNX: standard ops plus the bdp domain's binary ops."""
     import onnx
 
@@ -170,7 +173,7 @@ def export_cmd(model, out, input_shape, plain):
 
     from .loading import parse_shape, to_onnx
 
-    m, _info = to_onnx(model, parse_shape(input_shape))
+    m, _info = to_onnx(model, parse_shape(input_shape), trust_model=trust_model)
     if not plain:
         m, report = run_pipeline(m, "default")
         click.echo(f"{len(report.fused)} binary convs as bdp.BinaryConv, {len(report.left_float)} convs left in float")
@@ -193,8 +196,9 @@ def export_cmd(model, out, input_shape, plain):
 @click.option("--dump-after", default=None, help="write the ONNX after this pass (or 'all') to BUNDLE.passes/")
 @click.option("--verify", is_flag=True, help="check every pass and the compiled bundle against onnxruntime")
 @click.option("--no-reference", is_flag=True, help="leave the float reference.onnx out of the bundle")
+@click.option("--trust-model", is_flag=True, help=TRUST_HELP)
 @guarded
-def compile_cmd(model, target, out, input_shape, pipeline, dump_after, verify, no_reference):
+def compile_cmd(model, target, out, input_shape, pipeline, dump_after, verify, no_reference, trust_model):
     """Compile MODEL (.pt, .pt2 or .onnx) into a bundle folder for TARGET."""
     _quiet_tvm()
     from .bundle import read_manifest
@@ -203,7 +207,7 @@ def compile_cmd(model, target, out, input_shape, pipeline, dump_after, verify, n
 
     compile_model(model, target=target, out=out, input_shape=parse_shape(input_shape), pipeline=pipeline,
                   dump_after=dump_after, verify=verify, reference=not no_reference,
-                  progress=sys.stderr.isatty())
+                  progress=sys.stderr.isatty(), trust_model=trust_model)
     man = read_manifest(out, verify=False)
     st = man["stats"]
     click.echo(f"wrote {out}/ for {target}: {st['binary_convs']} binary convs (packed-bit), {st['fp_convs']} float convs, "

@@ -132,7 +132,7 @@ class _Stages:
 
 
 def compile_model(model, target="x86", out="bundle", *, input_shape=None, pipeline="default", dump_after=None,
-                  verify=False, reference=True, progress=False, report_path=None):
+                  verify=False, reference=True, progress=False, report_path=None, trust_model=False):
     """Compile MODEL for TARGET into bundle folder OUT; returns OUT. See ``bdp compile --help``."""
     from bdp.passes import attach_functions, run_pipeline
     from bdp.passes.core import run_onnxruntime
@@ -142,7 +142,7 @@ def compile_model(model, target="x86", out="bundle", *, input_shape=None, pipeli
     spec = get_target(target)
     stages = _Stages(progress, 6)
     stages("load")
-    source, info = to_onnx(str(model), input_shape)
+    source, info = to_onnx(str(model), input_shape, trust_model=trust_model)
     inp = _graph_input(source)
     shape = _resolve_shape(inp, info.get("input_shape") if info["source"] != "onnx" else input_shape, model)
     source = _fix_input_shape(source, inp.name, shape)

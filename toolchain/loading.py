@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import os
 import warnings
-import zipfile
 
 from bdp.errors import InputError
 
@@ -88,21 +87,12 @@ def load_onnx(path):
     return model
 
 
-def load_exported_program(path):
-    import torch
+def load_exported_program(path, trust=False):
+    """The ExportedProgram of a ``.pt2`` file, inspected first so that no code from the file runs
+    (see :mod:`bdp.toolchain.pt2`); ``trust=True`` loads it with ``torch.export.load`` as is."""
+    from .pt2 import load_exported_program as _load
 
-    path = str(path)
-    try:
-        zipfile.ZipFile(path).close()
-    except (zipfile.BadZipFile, OSError):
-        raise InputError(f"{path}: not a torch.export program (not a zip archive)") from None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.export.load(path)
-    except Exception as e:
-        msg = str(e).strip().splitlines()
-        raise InputError(f"{path}: cannot load torch.export program ({(msg[0] if msg else type(e).__name__)[:200]})") from None
+    return _load(path, trust=trust)
 
 
 def parse_shape(text):
@@ -179,8 +169,9 @@ def task_of(name: str) -> str:
     return "unknown"
 
 
-def to_onnx(path, input_shape=None):
-    """(ONNX ModelProto, info) for MODEL at PATH in any supported form.
+def to_onnx(path, input_shape=None, trust_model=False):
+    """(ONNX ModelProto, info) for MODEL at PATH in any supported form. TRUST_MODEL loads a
+    ``.pt2`` without inspecting it first (``--trust-model``).
 
     info: {"source": kind, "arch": name or None, "input_shape": tuple, "config": dict}
     """
@@ -195,7 +186,7 @@ def to_onnx(path, input_shape=None):
         names = _output_names(module, shape)
         model = export_torch(module, shape, names)
     elif kind == "exported-program":
-        prog = load_exported_program(path)
+        prog = load_exported_program(path, trust=trust_model)
         if shape is None:
             shape = _program_input_shape(prog, path)
         try:
