@@ -20,15 +20,17 @@ import hashlib
 import json
 import os
 import platform
-import shutil
-import tempfile
 from contextlib import contextmanager
 
 from bdp.errors import InputError
+from bdp.files import atomic_folder, check_output_folder, only_these_files
 
+FORMAT = "bdp-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
 LIBRARY = "model.so"
+MAX_MANIFEST_BYTES = 1 << 20
 
 
 def sha256_file(path, chunk=1 << 20) -> str:
@@ -42,30 +44,35 @@ def sha256_file(path, chunk=1 << 20) -> str:
     return h.hexdigest()
 
 
-@contextmanager
-def atomic_bundle(out):
-    """Yield a temporary folder; on success it replaces OUT, on failure it vanishes."""
-    out = os.path.abspath(out)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise InputError(f"{out}: exists and is not a folder")
-    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, MANIFEST)):
-        raise InputError(f"{out}: exists, is not empty and is not a bdp bundle; choose another -o")
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+def bundle_owned(folder) -> tuple[bool, str]:
+    """(True, "") when FOLDER is a bdp bundle by its manifest (``"format": "bdp-bundle"``) and
+    holds nothing but the files that manifest lists (and the manifest and its signature): only
+    then may a compile replace it. Else (False, why)."""
     try:
+        with open(os.path.join(folder, MANIFEST), "rb") as f:
+            man = json.loads(f.read(MAX_MANIFEST_BYTES + 1))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return False, f"no readable {MANIFEST}"
+    if not isinstance(man, dict) or man.get("format") != FORMAT:
+        return False, f"its {MANIFEST} is not a bdp bundle manifest"
+    files = man.get("files")
+    if not isinstance(files, dict) or not all(isinstance(k, str) for k in files):
+        return False, f"its {MANIFEST} lists no files"
+    return only_these_files(folder, set(files) | {MANIFEST, SIGNATURE})
+
+
+def check_bundle_output(out, force=False) -> str:
+    """Raise InputError unless OUT may be written as a bundle (see :func:`bundle_owned`)."""
+    return check_output_folder(out, bundle_owned, force, "bdp bundle")
+
+
+@contextmanager
+def atomic_bundle(out, force=False):
+    """Yield a temporary folder; on success it replaces OUT, on failure it vanishes. OUT is
+    replaced only when it is absent, empty or a bundle holding nothing but its files (else
+    InputError; FORCE replaces any folder)."""
+    with atomic_folder(out, bundle_owned, force, "bdp bundle") as tmp:
         yield tmp
-        old = None
-        if os.path.exists(out):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
-            os.rmdir(old)
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def finalize_manifest(bundle_dir, manifest: dict):
@@ -79,6 +86,7 @@ def finalize_manifest(bundle_dir, manifest: dict):
                 continue
             files[rel] = {"sha256": sha256_file(full), "bytes": os.path.getsize(full)}
     manifest = dict(manifest)
+    manifest["format"] = FORMAT
     manifest["format_version"] = FORMAT_VERSION
     manifest["files"] = dict(sorted(files.items()))
     with open(os.path.join(bundle_dir, MANIFEST), "w") as f:

@@ -197,8 +197,10 @@ def export_cmd(model, out, input_shape, plain, trust_model):
 @click.option("--verify", is_flag=True, help="check every pass and the compiled bundle against onnxruntime")
 @click.option("--no-reference", is_flag=True, help="leave the float reference.onnx out of the bundle")
 @click.option("--trust-model", is_flag=True, help=TRUST_HELP)
+@click.option("--force", is_flag=True, help="replace OUT (and OUT.passes/) even when it is a folder bdp did not write, "
+              "deleting everything in it")
 @guarded
-def compile_cmd(model, target, out, input_shape, pipeline, dump_after, verify, no_reference, trust_model):
+def compile_cmd(model, target, out, input_shape, pipeline, dump_after, verify, no_reference, trust_model, force):
     """Compile MODEL (.pt, .pt2 or .onnx) into a bundle folder for TARGET."""
     _quiet_tvm()
     from .bundle import read_manifest
@@ -207,7 +209,7 @@ def compile_cmd(model, target, out, input_shape, pipeline, dump_after, verify, n
 
     compile_model(model, target=target, out=out, input_shape=parse_shape(input_shape), pipeline=pipeline,
                   dump_after=dump_after, verify=verify, reference=not no_reference,
-                  progress=sys.stderr.isatty(), trust_model=trust_model)
+                  progress=sys.stderr.isatty(), trust_model=trust_model, force=force)
     man = read_manifest(out, verify=False)
     st = man["stats"]
     click.echo(f"wrote {out}/ for {target}: {st['binary_convs']} binary convs (packed-bit), {st['fp_convs']} float convs, "
@@ -251,13 +253,14 @@ def passes_cmd():
 @click.option("--input", "-i", "input_path", required=True, help=".npy tensor or an image (.png/.jpg)")
 @click.option("-o", "--output", "out", default=None, help="write outputs to this .npz")
 @click.option("--viz", default=None, help="write PNG pictures of the dense outputs to this folder")
+@click.option("--force", is_flag=True, help="replace the --viz folder even when it holds files bdp did not write")
 @guarded
-def run_cmd(bundle, input_path, out, viz):
+def run_cmd(bundle, input_path, out, viz, force):
     """Run a bundle on one input; write OUT.npz (one array per output) and pictures."""
     _quiet_tvm()
     from .run import run_bundle
 
-    outputs = run_bundle(bundle, input_path, out, viz)
+    outputs = run_bundle(bundle, input_path, out, viz, force=force)
     for k, v in outputs.items():
         click.echo(f"{k}: {list(v.shape)} {v.dtype} min {float(v.min()):.4g} max {float(v.max()):.4g}")
     if out:
@@ -280,9 +283,14 @@ def run_cmd(bundle, input_path, out, viz):
 def profile_cmd(bundle, device, rpc, tracker, key, runs, warmup, json_path, chart):
     """Latency of a bundle: median, p90, p99, per-op breakdown, FP32 baseline beside it."""
     _quiet_tvm()
+    from bdp.files import check_output_file
+
     from . import profile as prof
 
     prof.check_runs(runs)
+    for path, what in ((json_path, "--json file"), (chart, "--chart file")):
+        if path:
+            check_output_file(path, what)
     if rpc or tracker or device != "local":
         from . import remote
 
@@ -308,8 +316,12 @@ def profile_cmd(bundle, device, rpc, tracker, key, runs, warmup, json_path, char
 def bench_cmd(json_path, chart, quick, only):
     """The performance suite: binary conv layers and zoo models vs onnxruntime / TVM / PyTorch FP32."""
     _quiet_tvm()
+    from bdp.files import check_output_file
+
     from . import bench
 
+    check_output_file(json_path, "--json file")
+    check_output_file(chart, "--chart file")
     bench.run(json_path=json_path, chart=chart, quick=quick, only=only)
 
 

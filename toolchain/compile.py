@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import re
 import time
 
 import numpy as np
@@ -131,9 +133,43 @@ class _Stages:
             self.bar.close()
 
 
+def _passes_owned(folder):
+    """A ``--dump-after`` folder bdp wrote holds only ``NN-pass.onnx`` files."""
+    names = os.listdir(folder)
+    extra = [n for n in names if not re.fullmatch(r"[0-9]{2}-[a-z0-9-]+\.onnx", n)
+             or not os.path.isfile(os.path.join(folder, n))]
+    return (not extra), (f"it holds {', '.join(sorted(extra)[:3])}" if extra else "")
+
+
 def compile_model(model, target="x86", out="bundle", *, input_shape=None, pipeline="default", dump_after=None,
-                  verify=False, reference=True, progress=False, report_path=None, trust_model=False):
-    """Compile MODEL for TARGET into bundle folder OUT; returns OUT. See ``bdp compile --help``."""
+                  verify=False, reference=True, progress=False, report_path=None, trust_model=False, force=False):
+    """Compile MODEL for TARGET into bundle folder OUT; returns OUT. See ``bdp compile --help``.
+
+    OUT (and ``OUT.passes/`` with DUMP_AFTER) are checked before any work: an existing folder is
+    replaced only when it is a bdp bundle holding nothing but its files (FORCE: any folder). On
+    failure neither is left behind."""
+    from bdp.files import atomic_folder, check_output_folder
+    from bdp.passes import PIPELINES
+
+    from .bundle import check_bundle_output
+
+    if isinstance(pipeline, str) and pipeline not in PIPELINES:
+        raise InputError(f"--pipeline {pipeline}: no such pipeline (known: {', '.join(PIPELINES)}); "
+                         "`bdp passes` lists them")
+    out_abs = check_bundle_output(out, force)
+    dump_final = out_abs + ".passes" if dump_after else None
+    if dump_final:
+        check_output_folder(dump_final, _passes_owned, force, "pass dump folder")
+    with contextlib.ExitStack() as stack:
+        dump_dir = (stack.enter_context(atomic_folder(dump_final, _passes_owned, force, "pass dump folder"))
+                    if dump_final else None)
+        _compile(model, target, out, input_shape, pipeline, dump_after, dump_dir, dump_final, verify, reference,
+                 progress, trust_model, force)
+    return out
+
+
+def _compile(model, target, out, input_shape, pipeline, dump_after, dump_dir, dump_final, verify, reference,
+             progress, trust_model, force):
     from bdp.passes import attach_functions, run_pipeline
     from bdp.passes.core import run_onnxruntime
     from bdp.targets.lower import build, check_supported, export_library, import_onnx
@@ -147,9 +183,10 @@ def compile_model(model, target="x86", out="bundle", *, input_shape=None, pipeli
     shape = _resolve_shape(inp, info.get("input_shape") if info["source"] != "onnx" else input_shape, model)
     source = _fix_input_shape(source, inp.name, shape)
     stages("passes")
-    dump_dir = os.path.join(os.path.dirname(os.path.abspath(out)), os.path.basename(os.path.abspath(out)) + ".passes")
     final, report = run_pipeline(source, pipeline, verify=verify, dump_after=dump_after, dump_dir=dump_dir,
                                  shapes={inp.name: shape})
+    if dump_dir:  # the notes name the folder the dumps end up in, not the temporary one
+        report.notes = [n.replace(dump_dir, dump_final) for n in report.notes]
     check_supported(final)
     stages("shapes")
     x0 = np.zeros(shape, np.float32)
@@ -166,7 +203,7 @@ def compile_model(model, target="x86", out="bundle", *, input_shape=None, pipeli
     stages("build")
     ex = build(mod, spec)
     stages("bundle")
-    with atomic_bundle(out) as tmp:
+    with atomic_bundle(out, force) as tmp:
         export_library(ex, os.path.join(tmp, LIBRARY), spec)
         if reference:
             ref = copy.deepcopy(source)
@@ -204,7 +241,6 @@ def compile_model(model, target="x86", out="bundle", *, input_shape=None, pipeli
         if verify and spec.host_runnable:
             manifest["verify"] = _verify_bundle(tmp, final, inp.name, shape, out_names)
             finalize_manifest(tmp, manifest)
-    return out
 
 
 def _verify_bundle(bundle_dir, final, input_name, shape, out_names, tol=1e-4):

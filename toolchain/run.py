@@ -68,24 +68,37 @@ def load_input(path, manifest) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def save_npz(path, outputs: dict):
-    path = os.path.abspath(str(path))
-    d = os.path.dirname(path)
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=d)
-    os.close(fd)
-    try:
+    from bdp.files import atomic_path
+
+    with atomic_path(path) as tmp:
         np.savez(tmp, **outputs)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
-def run_bundle(bundle_dir, input_path, out_path=None, viz_dir=None):
-    """Run BUNDLE on INPUT; writes OUT.npz (and pictures). Returns {name: array}."""
+def _viz_owned(manifest):
+    """A ``--viz`` folder bdp wrote for this bundle holds only its pictures."""
+    from bdp.files import only_these_files
+
+    names = {f"{o['name']}.png" for o in manifest["outputs"]} | {"overview.png"}
+    return lambda folder: only_these_files(folder, names)
+
+
+def run_bundle(bundle_dir, input_path, out_path=None, viz_dir=None, force=False):
+    """Run BUNDLE on INPUT; writes OUT.npz (and pictures). Returns {name: array}.
+
+    Both outputs are checked before the run (OUT.npz: not a folder, its parent writable; the
+    picture folder: absent, empty or holding only pictures of this bundle's outputs, unless
+    FORCE) and written only when both are ready; a failure leaves neither."""
+    from bdp.files import atomic_folder, check_output_file, check_output_folder, remove_quietly
+
     from .bundle import host_can_run, load_bundle, read_manifest
 
     manifest = read_manifest(bundle_dir)
+    if out_path:
+        out_path = check_output_file(out_path, "output .npz")
+    if viz_dir:
+        viz_dir = check_output_folder(viz_dir, _viz_owned(manifest), force, "picture folder")
+    if out_path and viz_dir and out_path == viz_dir:
+        raise InputError(f"{out_path}: -o and --viz name the same path")
     x, image = load_input(input_path, manifest)
     ok, _why = host_can_run(manifest)
     if ok:
@@ -94,12 +107,21 @@ def run_bundle(bundle_dir, input_path, out_path=None, viz_dir=None):
         outputs = _run_aarch64(bundle_dir, x, manifest)
     else:
         raise InputError(f"{bundle_dir}: cannot run on this host: {_why}")
-    if out_path:
-        save_npz(out_path, outputs)
-    if viz_dir:
-        from .viz import save_pictures
+    existed = out_path is not None and os.path.exists(out_path)
+    try:
+        if viz_dir:
+            from .viz import save_pictures
 
-        save_pictures(viz_dir, outputs, manifest, image=image, x=x)
+            with atomic_folder(viz_dir, _viz_owned(manifest), force, "picture folder") as tmp:
+                save_pictures(tmp, outputs, manifest, image=image, x=x)
+                if out_path:
+                    save_npz(out_path, outputs)  # inside: a failure here leaves no pictures
+        elif out_path:
+            save_npz(out_path, outputs)
+    except BaseException:
+        if out_path and not existed:
+            remove_quietly(out_path)
+        raise
     return outputs
 
 
