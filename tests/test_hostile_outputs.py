@@ -16,7 +16,7 @@ import onnx
 import pytest
 
 from conftest import assert_input_error, run_cli
-from hostile_common import SHAPE, tiny_onnx, tree
+from hostile_common import SHAPE, shared_bundle, tiny_onnx, tree
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +25,8 @@ def model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bundle(model, tmp_path_factory):
-    import bdp
-
-    out = tmp_path_factory.mktemp("b") / "bundle"
-    bdp.compile(str(model), out=str(out))
-    return out
+def bundle(tmp_path_factory):
+    return shared_bundle(tmp_path_factory)
 
 
 def _web_app(folder):

@@ -18,6 +18,43 @@ from bdp.errors import InputError
 
 MIN_OPSET = 13
 DEFAULT_SHAPE = (1, 3, 256, 320)
+MAX_INPUT_BYTES = 1 << 30  # float32 input tensor of a compile
+MAX_MODEL_BYTES = 1 << 30  # a model file
+
+
+def available_memory():
+    """Bytes of memory this process can still have: the machine's MemAvailable, or less when an
+    address-space limit (``ulimit -v``) leaves less; None when unknown."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            with open("/proc/self/status") as f:
+                used = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmSize:"))
+            left = max(0, soft - used)
+            avail = left if avail is None else min(avail, left)
+    except (OSError, ValueError, StopIteration, ImportError):
+        pass
+    return avail
+
+
+def check_memory(need_bytes, what):
+    """InputError when WHAT needs more memory than this machine has available."""
+    avail = available_memory()
+    if avail is not None and need_bytes > avail:
+        raise InputError(f"{what} needs about {need_bytes / 2**30:.1f} GiB of memory for its activations, this "
+                         f"process has {avail / 2**30:.1f} GiB available (free memory, ulimit -v); use a smaller "
+                         "--input-shape")
 
 
 def model_kind(path) -> str:
@@ -105,7 +142,17 @@ def parse_shape(text):
         raise InputError(f"--input-shape '{text}': expected N,C,H,W (four positive integers)") from None
     if len(shape) != 4 or any(s <= 0 for s in shape):
         raise InputError(f"--input-shape '{text}': expected N,C,H,W (four positive integers)")
+    check_input_size(shape, f"--input-shape {text}")
     return shape
+
+
+def check_input_size(shape, what):
+    n = 1
+    for s in shape:
+        n *= int(s)
+    if n * 4 > MAX_INPUT_BYTES:
+        raise InputError(f"{what}: the input alone is {n * 4 / 2**30:.1f} GiB (float32, {n:,} values); bdp compiles "
+                         f"inputs up to {MAX_INPUT_BYTES / 2**30:.0f} GiB")
 
 
 def export_torch(module_or_program, input_shape, output_names=None):
@@ -181,6 +228,9 @@ def to_onnx(path, input_shape=None, trust_model=False):
     if kind == "checkpoint":
         module = load_checkpoint(path)
         shape = shape or DEFAULT_SHAPE
+        from bdp.models.zoo import forward_bytes
+
+        check_memory(forward_bytes(module, shape), f"{path} at input shape {','.join(map(str, shape))}")
         info["arch"] = getattr(module, "bdp_arch", None)
         info["config"] = dict(getattr(module, "bdp_config", {}))
         names = _output_names(module, shape)

@@ -54,16 +54,18 @@ def load_image(path, preprocess: dict, shape) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_input(path, manifest) -> tuple[np.ndarray, np.ndarray | None]:
-    inp = manifest["input"]
+    inp = manifest.input
     ext = os.path.splitext(str(path))[1].lower()
     if ext == ".npy":
         x = load_npy(path)
-        want = tuple(inp["shape"])
+        want = tuple(inp.shape)
         if tuple(x.shape) != want:
             raise InputError(f"{path}: array has shape {tuple(x.shape)}, the bundle expects {want}")
         return x.astype(np.float32), None
     if ext in IMAGE_EXTS:
-        return load_image(path, inp.get("preprocess", {}), inp["shape"])
+        if len(inp.shape) != 4:
+            raise InputError(f"{path}: the bundle's input has shape {tuple(inp.shape)}, not N,C,H,W; pass a .npy")
+        return load_image(path, inp.preprocess or {}, inp.shape)
     raise InputError(f"{path}: unknown input type '{ext}' (expected .npy or an image: {', '.join(IMAGE_EXTS)})")
 
 
@@ -78,21 +80,22 @@ def _viz_owned(manifest):
     """A ``--viz`` folder bdp wrote for this bundle holds only its pictures."""
     from bdp.files import only_these_files
 
-    names = {f"{o['name']}.png" for o in manifest["outputs"]} | {"overview.png"}
+    names = {f"{n}.png" for n in manifest.output_names} | {"overview.png"}
     return lambda folder: only_these_files(folder, names)
 
 
-def run_bundle(bundle_dir, input_path, out_path=None, viz_dir=None, force=False):
+def run_bundle(bundle_dir, input_path, out_path=None, viz_dir=None, force=False, trust=None):
     """Run BUNDLE on INPUT; writes OUT.npz (and pictures). Returns {name: array}.
 
     Both outputs are checked before the run (OUT.npz: not a folder, its parent writable; the
     picture folder: absent, empty or holding only pictures of this bundle's outputs, unless
-    FORCE) and written only when both are ready; a failure leaves neither."""
+    FORCE) and written only when both are ready; a failure leaves neither. TRUST: a public key the
+    bundle's signature must verify with (default $BDP_TRUST)."""
     from bdp.files import atomic_folder, check_output_file, check_output_folder, remove_quietly
 
     from .bundle import host_can_run, load_bundle, read_manifest
 
-    manifest = read_manifest(bundle_dir)
+    manifest = read_manifest(bundle_dir, trust=trust)
     if out_path:
         out_path = check_output_file(out_path, "output .npz")
     if viz_dir:
@@ -102,8 +105,8 @@ def run_bundle(bundle_dir, input_path, out_path=None, viz_dir=None, force=False)
     x, image = load_input(input_path, manifest)
     ok, _why = host_can_run(manifest)
     if ok:
-        outputs = load_bundle(bundle_dir, verify=False)(x)
-    elif manifest["target"].get("arch") == "aarch64":
+        outputs = load_bundle(bundle_dir, verify=False, trust=False)(x)  # checked just above
+    elif manifest.target.arch == "aarch64":
         outputs = _run_aarch64(bundle_dir, x, manifest)
     else:
         raise InputError(f"{bundle_dir}: cannot run on this host: {_why}")
@@ -138,4 +141,4 @@ def _run_aarch64(bundle_dir, x, manifest):
         if proc.returncode != 0:
             msg = (proc.stderr or proc.stdout or "").strip().splitlines()
             raise InputError(f"{bundle_dir}: bin/bdp-run failed (exit {proc.returncode}): {msg[-1] if msg else ''}")
-        return {o["name"]: np.load(os.path.join(outdir, o["name"] + ".npy")) for o in manifest["outputs"]}
+        return {n: np.load(os.path.join(outdir, n + ".npy"), allow_pickle=False) for n in manifest.output_names}

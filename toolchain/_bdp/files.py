@@ -98,6 +98,17 @@ def clean_stale_temps(path):
     return removed
 
 
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 def _tmp_prefix(path, kind="tmp"):
     return f".{os.path.basename(path)}.{kind}-{os.getpid()}-"
 
@@ -115,6 +126,7 @@ def atomic_path(path):
     except OSError as e:
         raise _os_error(path, e) from None
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a written file gets the usual mode
     try:
         yield tmp
         try:
