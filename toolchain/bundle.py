@@ -205,9 +205,19 @@ class Bundle:
             items = [res]
         else:
             items = [res[i] for i in range(len(res))]
-        if len(items) != len(self.output_names):
-            raise RuntimeError(f"bundle returned {len(items)} outputs, manifest lists {len(self.output_names)}")
-        return {n: t.numpy() for n, t in zip(self.output_names, items)}
+        outs = self.manifest.outputs
+        if len(items) != len(outs):
+            raise InputError(f"{self.path}: {LIBRARY} returned {len(items)} outputs, manifest.json lists {len(outs)}: "
+                             "the manifest was edited or belongs to another library; recompile the bundle")
+        res = {}
+        for o, t in zip(outs, items):
+            a = t.numpy()
+            if list(a.shape) != list(o.shape) or str(a.dtype) != o.dtype:
+                raise InputError(f"{self.path}: output '{o.name}' is {a.dtype} {list(a.shape)}, manifest.json says "
+                                 f"{o.dtype} {list(o.shape)}: the manifest was edited or belongs to another library; "
+                                 "recompile the bundle")
+            res[o.name] = a
+        return res
 
     def __call__(self, x):
         return self.outputs_to_dict(self.run_raw(self.to_device(x)))

@@ -110,9 +110,20 @@ def load_onnx(path):
             load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
         except Exception as e:
             raise InputError(f"{path}: cannot load external data ({str(e).splitlines()[0][:160]})") from None
+    _drop_bdp_functions(model)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None or opset < MIN_OPSET:
         raise InputError(f"{path}: ONNX opset {opset} is older than {MIN_OPSET}; re-export with opset_version>={MIN_OPSET}")
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:
+        raise InputError(f"{path}: ONNX opset {opset} is newer than this bdp's onnx reads ({newest}); re-export with "
+                         f"opset_version<={newest}")
+    inits = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        tt = vi.type.tensor_type
+        if vi.name not in inits and (not vi.type.HasField("tensor_type") or tt.elem_type not in _FLOAT_TYPES):
+            kind = onnx.TensorProto.DataType.Name(tt.elem_type) if vi.type.HasField("tensor_type") else "not a tensor"
+            raise InputError(f"{path}: input '{vi.name}' is {kind}; bdp compiles dense predictors with a float32 input")
     try:
         from bdp.passes.ops import register_schemas
 
@@ -122,6 +133,22 @@ def load_onnx(path):
         msg = str(e).strip().splitlines()
         raise InputError(f"{path}: invalid ONNX model ({(msg[0] if msg else type(e).__name__)[:200]})") from None
     return model
+
+
+_FLOAT_TYPES = (1,)  # FLOAT: the bundle input is float32 (manifest, bin/bdp-run)
+
+
+def _drop_bdp_functions(model):
+    """Remove the function bodies a file carries for ``bdp`` ops: bdp has their schemas and
+    attaches its own bodies whenever it writes or runs a graph, so a file's copies (stale, of
+    another opset, or hostile) are never used; onnx.checker refuses bodies whose opset differs
+    from the model's (bdp's own exports at opset 20 carried opset-18 bodies)."""
+    from bdp.passes.ops import DOMAIN
+
+    keep = [f for f in model.functions if f.domain != DOMAIN]
+    if len(keep) != len(model.functions):
+        del model.functions[:]
+        model.functions.extend(keep)
 
 
 def load_exported_program(path, trust=False):
