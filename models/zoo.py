@@ -93,8 +93,8 @@ def validate_config(name: str, cfg, where="config") -> dict:
     out = {}
     for key, v in cfg.items():
         if key not in defaults:
-            raise InputError(f"{where}: '{str(key)[:40]}' is not a setting of '{name}' "
-                             f"(settings: {', '.join(sorted(defaults))})")
+            raise InputError(f"{where}: config does not fit architecture '{name}': '{str(key)[:40]}' is not one "
+                             f"of its settings ({', '.join(sorted(defaults))})")
         out[key] = _check_value(where, key, v, defaults[key])
     return out
 
