@@ -30,6 +30,7 @@ checks the same signature and hashes with the system's libcrypto before it loads
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 from contextlib import contextmanager
@@ -60,9 +61,13 @@ def bundle_owned(folder) -> tuple[bool, str]:
     holds nothing but the files that manifest lists (and the manifest and its signature): only
     then may a compile replace it. Else (False, why)."""
     try:
-        man = Manifest.read(folder)
+        data = _manifest.read_bytes(folder)
+        man = Manifest.from_bytes(data, MANIFEST)
+        has_format = b'"format"' in data and json.loads(data).get("format") == FORMAT
     except InputError as e:
         return False, f"its {MANIFEST} is not a bdp bundle manifest ({str(e).split(': ', 1)[-1][:80]})"
+    if not has_format:  # a bundle of an older bdp, or someone else's manifest.json: not ours to delete
+        return False, f"its {MANIFEST} has no \"format\": \"{FORMAT}\""
     return only_these_files(folder, set(man.files) | {MANIFEST, SIGNATURE})
 
 
