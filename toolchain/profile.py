@@ -170,12 +170,12 @@ def fp32_baseline(bundle_dir, manifest, x, runs, warmup):
     return summarize(times), None
 
 
-def profile_local(bundle_dir, runs=50, warmup=5):
+def profile_local(bundle_dir, runs=50, warmup=5, trust=None):
     from .bundle import load_bundle
 
-    bundle = load_bundle(bundle_dir)
+    bundle = load_bundle(bundle_dir, trust=trust)
     manifest = bundle.manifest
-    shape = tuple(manifest["input"]["shape"])
+    shape = tuple(manifest.input.shape)
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     x_dev = bundle.to_device(x)
     times = time_callable(lambda: bundle.run_raw(x_dev), runs, warmup)
@@ -183,7 +183,7 @@ def profile_local(bundle_dir, runs=50, warmup=5):
         "device": "local",
         "host": _host(),
         "bundle": os.path.abspath(bundle_dir),
-        "target": manifest["target"]["name"],
+        "target": manifest.target.name,
         "input_shape": list(shape),
         "threads": runtime_threads(),
         "latency": summarize(times),

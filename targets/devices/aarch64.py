@@ -5,7 +5,7 @@ Relax VM executable cross-linked with ``aarch64-linux-gnu-g++``) go
 
 - ``lib/libtvm_runtime.so`` and ``lib/libtvm_ffi.so``: the TVM runtime from PyPI's aarch64
   ``apache-tvm`` / ``apache-tvm-ffi`` wheels, the same versions as installed here;
-- ``bin/bdp-run``: a native runner (``targets/runtime/bdp_run.cc``) linked with rpath
+- ``bin/bdp-run``: a native runner (``targets/devices/runtime/bdp_run.cc``) linked with rpath
   ``$ORIGIN/../lib``, so the folder can be moved anywhere;
 - ``README.device.md``: how to run it on the device, and the glibc / libstdc++ it needs.
 
@@ -36,6 +36,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 from typing import Mapping, Sequence
+
+from bdp.errors import ToolMissingError
 
 TVM_VERSION = importlib.metadata.version("apache-tvm")
 FFI_VERSION = importlib.metadata.version("apache-tvm-ffi")
@@ -141,12 +143,12 @@ def _pip_download(dest: Path) -> list[Path]:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
     except OSError as e:
-        raise RuntimeError(f"cannot run pip to fetch the AArch64 TVM runtime ({e}); {_manual_hint()}") from None
+        raise ToolMissingError(f"cannot run pip to fetch the AArch64 TVM runtime ({e}); {_manual_hint()}") from None
     wheels = sorted(dest.glob("*.whl"))
     if proc.returncode != 0 or len(wheels) < 2:
         lines = [ln.strip() for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
         why = lines[-1] if lines else f"pip exited with {proc.returncode}"
-        raise RuntimeError(f"could not download the AArch64 TVM runtime wheels from PyPI (offline?): {why}; "
+        raise ToolMissingError(f"could not download the AArch64 TVM runtime wheels from PyPI (offline?): {why}; "
                            f"{_manual_hint()}")
     return wheels
 
@@ -170,11 +172,11 @@ def runtime_dir(cache: str | os.PathLike | None = None) -> Path:
             return d
         wheels = sorted(d.glob("*.whl")) if d.is_dir() else []
         if not wheels:
-            raise RuntimeError(f"BDP_AARCH64_RUNTIME={manual} holds neither AArch64 libtvm_runtime.so + "
+            raise ToolMissingError(f"BDP_AARCH64_RUNTIME={manual} holds neither AArch64 libtvm_runtime.so + "
                                f"libtvm_ffi.so nor the aarch64 apache-tvm / apache-tvm-ffi wheels")
         for dist, ver in (("apache_tvm-", TVM_VERSION), ("apache_tvm_ffi-", FFI_VERSION)):
             if not any(w.name.startswith(f"{dist}{ver}-") for w in wheels):
-                raise RuntimeError(f"BDP_AARCH64_RUNTIME={manual} has no {dist}{ver}-*aarch64*.whl "
+                raise ToolMissingError(f"BDP_AARCH64_RUNTIME={manual} has no {dist}{ver}-*aarch64*.whl "
                                    f"(the installed version); {_manual_hint()}")
         wanted = (f"apache_tvm-{TVM_VERSION}-", f"apache_tvm_ffi-{FFI_VERSION}-")
         wheels = [w for w in wheels if w.name.startswith(wanted)]
@@ -237,7 +239,7 @@ def _cc_version(cc: str) -> str:
     try:
         out = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
-        raise RuntimeError(f"C++ compiler '{cc}' not found; {APT_HINT}") from None
+        raise ToolMissingError(f"C++ compiler '{cc}' not found; {APT_HINT}") from None
     return out.splitlines()[0] if out else cc
 
 
@@ -469,7 +471,7 @@ def run_under_qemu(bundle_dir: str | os.PathLike, input_npy: str | os.PathLike, 
         if not Path(QEMU_LD_PREFIX, "lib").is_dir():
             missing.append(f"{QEMU_LD_PREFIX} (AArch64 glibc)")
         if missing:
-            raise RuntimeError(f"cannot run AArch64 code here: missing {', '.join(missing)}; {APT_HINT}")
+            raise ToolMissingError(f"cannot run AArch64 code here: missing {', '.join(missing)}; {APT_HINT}")
     bundle = Path(bundle_dir)
     runner = bundle / "bin" / "bdp-run"
     if not runner.is_file():
@@ -500,5 +502,5 @@ def run_bundle(bundle_dir: str | os.PathLike, x, output_names: Sequence[str]) ->
         if proc.returncode != 0:
             msg = (proc.stderr or proc.stdout or "").strip().splitlines()
             raise InputError(f"{bundle_dir}: bin/bdp-run failed (exit {proc.returncode}): {msg[-1] if msg else ''}")
-        return {n: np.load(os.path.join(outdir, n + ".npy")) for n in output_names}
+        return {n: np.load(os.path.join(outdir, n + ".npy"), allow_pickle=False) for n in output_names}
 
