@@ -137,6 +137,24 @@ def quantized_levels(t, depth=6):
     return max(1, int(np.ceil(np.log2(levels)))), lo, hi
 
 
+_MOVES = ("Transpose", "Reshape", "Flatten", "Pad", "Identity", "Cast", "Squeeze", "Unsqueeze")
+
+
+def _origin(t, depth=8):
+    """Where float tensor T comes from, for a reason: 'the graph input NAME' when only data
+    movement lies between, else 'from OP NAME' (the nearest computing node)."""
+    for _ in range(depth):
+        if isinstance(t, gs.Constant):
+            return "a constant"
+        if len(t.inputs) != 1:
+            return f"the graph input '{t.name}'"
+        n = t.inputs[0]
+        if n.op not in _MOVES or not n.inputs:
+            return f"from {n.op} {n.name}"
+        t = n.inputs[0]
+    return f"from {t.name}"
+
+
 def float_input_reason(node: gs.Node, x=None):
     """Why conv/linear NODE, whose data input X (default: its input 0) is not binarized, runs in
     float, as specifically as the graph tells: a binarized tensor times a non-scalar scale, a
@@ -163,8 +181,7 @@ def float_input_reason(node: gs.Node, x=None):
         return (f"input is quantized to {bits} bits{grid}, not 1 bit"
                 + (" (its weights are 1-bit)" if wbin else "") + ": a multi-bit layer, runs in float")
     if wbin:
-        src = f"{prod.op} {prod.name}" if prod is not None else "a graph input"
-        return (f"1-bit weights, but the input is a float tensor (from {src}), not a binarizer's output: "
+        return (f"1-bit weights, but the input is a float tensor ({_origin(x)}), not a binarizer's output: "
                 "runs in float")
     return "input is not binarized (float layer)"
 
