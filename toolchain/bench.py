@@ -377,7 +377,7 @@ def _write_json(path, res):
     write_json(path, res)
 
 
-def run(json_path="bench.json", chart="bench.png", quick=False, only="all", archs=None, workdir=None):
+def run(json_path="bench.json", chart="bench.png", quick=False, only="all", archs=None, workdir=None, wild_dir=None):
     """Run the suite, print the tables, write JSON_PATH and the PNG CHART; returns the results dict."""
     threads = _threads()  # sets TVM's thread-pool defaults before the pool starts
     from bdp.models import zoo
@@ -390,6 +390,10 @@ def run(json_path="bench.json", chart="bench.png", quick=False, only="all", arch
            "method": ("median (and min) of interleaved runs; every runtime uses the same thread count; "
                       "bdp layer = binarize + pack + popcount conv + float epilogue, float in and out"),
            "targets": TARGETS}
+    if only == "wild":  # networks from the wild: toolchain/bench_wild.py, its own table and JSON
+        from .bench_wild import run_wild
+
+        return run_wild(res, json_path, threads=threads, quick=quick, wild_dir=wild_dir, workdir=workdir)
     rounds = 5 if quick else 30
     if only in ("layers", "all"):
         shapes = LAYER_SHAPES[:2] if quick else LAYER_SHAPES

@@ -468,9 +468,12 @@ def profile_cmd(bundle, device, rpc, tracker, key, runs, warmup, json_path, char
 @click.option("--json", "json_path", default="bench.json", show_default=True)
 @click.option("--chart", default="bench.png", show_default=True, help="the chart: FILE.png or FILE.svg")
 @click.option("--quick", is_flag=True, help="fewer runs and smaller models (a smoke run, not for the README)")
-@click.option("--only", type=click.Choice(["layers", "models", "all"]), default="all", show_default=True)
+@click.option("--only", type=click.Choice(["layers", "models", "all", "wild"]), default="all", show_default=True,
+              help="wild: Larq / Brevitas networks from the wild (not part of all)")
+@click.option("--wild-dir", type=click.Path(file_okay=False), default=None,
+              help="with --only wild: Larq networks made by make_larq.py --full (default: the small test fixtures)")
 @guarded
-def bench_cmd(json_path, chart, quick, only):
+def bench_cmd(json_path, chart, quick, only, wild_dir):
     """The performance suite: binary conv layers and zoo models vs onnxruntime / TVM / PyTorch FP32."""
     _quiet_tvm()
     from bdp.files import check_output_file
@@ -481,7 +484,7 @@ def bench_cmd(json_path, chart, quick, only):
     chart_format(chart)  # a wrong extension fails before the suite's minutes of measuring
     check_output_file(json_path, "--json file")
     check_output_file(chart, "--chart file")
-    bench.run(json_path=json_path, chart=chart, quick=quick, only=only)
+    bench.run(json_path=json_path, chart=chart, quick=quick, only=only, wild_dir=wild_dir)
 
 
 @main.command("demo")

@@ -286,7 +286,12 @@ def _compile(model, target, out, input_shape, pipeline, dump_after, dump_dir, du
     with atomic_bundle(out, force) as tmp:
         export_library(ex, os.path.join(tmp, LIBRARY), spec)
         if reference:
+            from bdp.passes import PASSES
+            from bdp.passes.binarizers import QONNX_DOMAINS
+
             ref = copy.deepcopy(source)
+            if any(n.domain in QONNX_DOMAINS for n in ref.graph.node):  # onnxruntime has no QONNX ops:
+                ref = PASSES["qonnx-to-standard"](ref)  # their definitions in standard ops, as QONNX computes them
             if ref.ir_version > 10:
                 ref.ir_version = 10
             onnx.save(attach_functions(ref), os.path.join(tmp, "reference.onnx"))
