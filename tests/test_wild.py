@@ -146,15 +146,15 @@ def test_larq_fixture_on_rpi4_under_qemu_equals_tensorflow(tmp_path, tmp_path_fa
 # --------------------------------------------------------------------------- the passes, small
 
 
-def _model(nodes, inits, x_shape, y_name="y", opsets=(("", 17),)):
+def _model(nodes, inits, x_shape, y_name="y", opsets=(("", 17),), y_shape=None):
     g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-                          [helper.make_tensor_value_info(y_name, TensorProto.FLOAT, None)],
+                          [helper.make_tensor_value_info(y_name, TensorProto.FLOAT, y_shape)],
                           [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets])
     m.ir_version = 8
     inferred = onnx.shape_inference.infer_shapes(m)  # the output's type, so that the checker takes the file
     known = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
-    if known.get(y_name) is not None and known[y_name].type.tensor_type.HasField("shape"):
+    if y_shape is None and known.get(y_name) is not None and known[y_name].type.tensor_type.HasField("shape"):
         m.graph.output[0].CopyFrom(known[y_name])
     return m
 
@@ -273,3 +273,36 @@ def test_float_layers_say_what_they_are():
     assert "1-bit weights" in why["bin_w_float_in"] and "graph input 'x'" in why["bin_w_float_in"], why
     assert "binarized tensor times a non-scalar scale" in why["chan_scaled"], why
     assert why["stem"] == "input is not binarized (float layer)", why
+
+
+def test_dynamic_reshape_target_folds_and_compiles(tmp_path):
+    """tf2onnx's Keras Reshape at full size: the target is computed at run time from the Shape
+    of an intermediate tensor (batch left open), which carries no shape in the file. With the
+    input shape fixed, fold-shapes makes it a constant; the binary 1x1 conv behind the Reshape
+    packs and the bundle equals onnxruntime."""
+    rng = np.random.default_rng(11)
+    inits = {"s0": np.array([0], np.int64), "s1": np.array([1], np.int64), "tail": np.array([1, 1, 48], np.int64),
+             "W": _pm_alpha(rng, (8, 48, 1, 1), 0)}
+    nodes = [helper.make_node("Sign", ["x"], ["xs"]), helper.make_node("Shape", ["xs"], ["shp"]),
+             helper.make_node("Slice", ["shp", "s0", "s1"], ["batch"]),
+             helper.make_node("Concat", ["batch", "tail"], ["target"], axis=0),
+             helper.make_node("Reshape", ["xs", "target"], ["r"]),
+             helper.make_node("Transpose", ["r"], ["rt"], perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["rt", "W"], ["y"], kernel_shape=[1, 1])]
+    model = _model(nodes, inits, ["N", 4, 4, 3], y_shape=["N", 8, 1, 1])
+    final, rep = run_pipeline(_fixed(model, (1, 4, 4, 3)), "default", verify=True)
+    assert "Shape" not in _ops(final) and _ops(final).count("BinaryConv") == 1, _ops(final)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    out = bdp.compile(str(tmp_path / "m.onnx"), target="x86", out=str(tmp_path / "b"), input_shape=(1, 4, 4, 3))
+    x = rng.standard_normal((1, 4, 4, 3)).astype(np.float32)
+    assert _rel(_only(bdp.load(out)(x)), run_onnxruntime(model, {"x": x})[0]) <= 1e-5
+
+
+def _fixed(model, shape):
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    for d, v in zip(dims, shape):
+        d.ClearField("dim_param")
+        d.dim_value = v
+    return m
