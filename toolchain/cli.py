@@ -264,34 +264,38 @@ def run_cmd(bundle, input_path, out, viz):
 
 @main.command("profile")
 @click.argument("bundle", required=False, default=".")
-@click.option("--device", default="local", show_default=True, help="'local' or a board name from the device config")
+@click.option("--device", default="local", show_default=True,
+              help="'local', a board name from the device config, or 'cortex-a72-model' (an estimate for a "
+                   "Raspberry Pi 4 of an rpi4/arm64 bundle, made here under qemu + llvm-mca)")
 @click.option("--rpc", default=None, help="HOST:PORT of a TVM RPC server")
 @click.option("--tracker", default=None, help="HOST:PORT of a TVM RPC tracker")
 @click.option("--key", default=None, help="device key at the tracker")
-@click.option("--runs", type=int, default=50, show_default=True)
+@click.option("--runs", type=int, default=None, help="timed runs [default: 50; 1 model run for cortex-a72-model]")
 @click.option("--warmup", type=int, default=5, show_default=True)
 @click.option("--json", "json_path", default=None, help="write the results as JSON")
 @click.option("--chart", default=None, help="write a PNG chart")
 @guarded
 def profile_cmd(bundle, device, rpc, tracker, key, runs, warmup, json_path, chart):
-    """Latency of a bundle: median, p90, p99, per-op breakdown, FP32 baseline beside it."""
+    """Latency of a bundle: median, p90, p99, per-op breakdown, FP32 baseline beside it.
+    With --device cortex-a72-model: an estimate for a Raspberry Pi 4 (Cortex-A72, 1 thread) of an
+    rpi4/arm64 bundle: instructions counted exactly under qemu, cycles from llvm-mca."""
     _quiet_tvm()
     from . import profile as prof
 
-    prof.check_runs(runs)
-    if rpc or tracker or device != "local":
-        from . import remote
-
-        res = remote.profile_remote(bundle, device=device, rpc=rpc, tracker=tracker, key=key, runs=runs,
-                                    warmup=warmup)
-    else:
-        res = prof.profile_local(bundle, runs=runs, warmup=warmup)
+    if runs is not None:
+        prof.check_runs(runs)
+    res = prof.run_profile(bundle, device=device, rpc=rpc, tracker=tracker, key=key, runs=runs, warmup=warmup)
     click.echo(prof.format_text(res))
     if json_path:
         prof.write_json(json_path, res)
         click.echo(f"wrote {json_path}")
     if chart:
-        prof.chart_png(chart, res)
+        if res.get("estimate"):
+            from .estimate import chart_png as estimate_chart
+
+            estimate_chart(chart, res)
+        else:
+            prof.chart_png(chart, res)
         click.echo(f"wrote {chart}")
 
 
