@@ -304,13 +304,27 @@ def profile_cmd(bundle, device, rpc, tracker, key, runs, warmup, json_path, char
 @click.option("--chart", default="bench.png", show_default=True)
 @click.option("--quick", is_flag=True, help="fewer runs and smaller models (a smoke run, not for the README)")
 @click.option("--only", type=click.Choice(["layers", "models", "all"]), default="all", show_default=True)
+@click.option("--target", "-t", type=click.Choice(["x86", "rpi4"]), default="x86", show_default=True,
+              help="rpi4: the tables ESTIMATED for a Raspberry Pi 4 with the Cortex-A72 model (qemu + llvm-mca)")
+@click.option("--arch", "archs", multiple=True, help="zoo architecture(s) for the model table (default: all)")
+@click.option("--runs", type=int, default=1, show_default=True, help="rpi4: model runs per estimator process")
 @guarded
-def bench_cmd(json_path, chart, quick, only):
-    """The performance suite: binary conv layers and zoo models vs onnxruntime / TVM / PyTorch FP32."""
+def bench_cmd(json_path, chart, quick, only, target, archs, runs):
+    """The performance suite: binary conv layers and zoo models vs onnxruntime FP32 / INT8, TVM, PyTorch FP32.
+    With --target rpi4: bdp and TVM FP32 on the Cortex-A72 estimator (estimates, not measurements)."""
     _quiet_tvm()
     from . import bench
 
-    bench.run(json_path=json_path, chart=chart, quick=quick, only=only)
+    if runs < 1:
+        raise InputError("--runs must be at least 1")
+    if archs:
+        from bdp.models import zoo
+
+        bad = [a for a in archs if a not in zoo.ARCHITECTURES]
+        if bad:
+            raise InputError(f"unknown architecture '{bad[0]}'; `bdp models` lists them")
+    bench.run(json_path=json_path, chart=chart, quick=quick, only=only, archs=archs or None, target=target,
+              runs=runs)
 
 
 @main.command("demo")

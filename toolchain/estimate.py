@@ -55,6 +55,7 @@ COVERAGE = 0.99
 IGNORES = ("caches, TLB and DRAM (every load hits L1), memory bandwidth, branch mispredictions and fetch "
            "stalls, multithreading (one thread), thermal throttling; LLVM's cortex-a72 model uses the "
            "Cortex-A57 tables (A72 FP latencies are shorter)")
+IGNORES_SHORT = "caches, memory bandwidth, branch mispredictions, threads"
 APT = "apt-get install qemu-user llvm gcc g++-aarch64-linux-gnu"
 PLUGIN_SOURCES = ("libbb.c", "qemu-plugin-v1.h")
 RUNTIME_CALLS = ("TVMBackendAllocWorkspace", "TVMBackendFreeWorkspace")
