@@ -107,3 +107,55 @@ def test_estimate_is_exact_covers_the_kernels_and_runs_the_real_model(bundles, t
     names = [o["name"] for o in json.loads(open(os.path.join(arm, "manifest.json")).read())["outputs"]]
     got = {n: np.load(tmp_path / "out" / f"{n}.npy") for n in names}
     assert_close_outputs(got, bdp.load(x86)(x), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# bdp bench: the onnxruntime INT8 baseline, the rpi4 tables
+
+
+def test_int8_baseline_is_static_qdq_per_channel(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from bdp.toolchain.bench import conv_layer_onnx, ort_int8_session, quantize_int8
+    from bdp.toolchain.profile import ort_session
+
+    model = conv_layer_onnx(16, 8, 10, binary=False)
+    q = onnx.load(quantize_int8(model, str(tmp_path / "q.onnx"), "x", (1, 16, 8, 10)))
+    ops = [n.op_type for n in q.graph.node]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops and "Conv" in ops
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    conv = next(n for n in q.graph.node if n.op_type == "Conv")
+    w_dq = next(n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == conv.input[1])
+    assert inits[w_dq.input[0]].dtype == np.int8 and inits[w_dq.input[1]].shape == (16,)  # one scale per channel
+    x = np.random.default_rng(3).standard_normal((1, 16, 8, 10)).astype(np.float32)
+    want = ort_session(model, 1).run(None, {"x": x})[0]
+    got = ort_int8_session(model, 1, "x", x.shape).run(None, {"x": x})[0]
+    assert np.abs(got - want).max() / np.abs(want).max() < 0.1
+
+
+def test_bench_layer_row_has_int8_and_isa(tmp_path):
+    from bdp.targets.spec import get_target
+    from bdp.toolchain.bench import bench_layer, isa_name
+
+    spec = get_target("x86")
+    row = bench_layer(64, 8, 10, threads=1, rounds=1, slow_rounds=1, spec=spec)
+    assert row["ort_int8_ms"] == row["onnxruntime_int8"]["median_ms"] > 0
+    assert row["x_ort_int8"] == pytest.approx(row["ort_int8_ms"] / row["bdp"]["median_ms"])
+    assert row["ort_int8_max_rel_diff_vs_fp32"] < 0.1
+    assert isa_name(spec) in ("AVX2", "AVX-512 VPOPCNTDQ", "AVX-512", "POPCNT")
+
+
+@pytest.mark.slow
+def test_bench_rpi4_layer_row(tmp_path):
+    """One small layer of ``bdp bench --target rpi4``: binary and float builds for rpi4, both estimated."""
+    from bdp.toolchain import bench_rpi4
+
+    row = bench_rpi4.bench_layer(64, 4, 5, str(tmp_path))
+    assert row["bdp_max_rel_diff_vs_onnxruntime"] < 1e-5 and row["tvm_scheduled_max_rel_diff"] < 1e-4
+    b, f = row["bdp"], row["tvm_scheduled_fp32"]
+    assert 0 < b["kernels_ms"] < b["est_ms"] and f["est_ms"] > 0
+    assert row["x_float"] == pytest.approx(f["est_ms"] / b["est_ms"]) and row["x_float"] > 1
+    assert row["binary_macs_per_cycle"] == pytest.approx(64 * 64 * 9 * 4 * 5 / b["cycles"])
+    assert any("binary_conv" in k["op"] for k in b["top_kernels"])
+    assert "bdp est ms" in bench_rpi4.format_layers([row]) and "ESTIMATED" in bench_rpi4.format_layers([row])

@@ -128,12 +128,32 @@ def isa_name(spec) -> str:
     return ISA_NAMES.get(spec.popcount_isa, spec.popcount_isa or "?")
 
 
+def int8_reduce_range() -> bool:
+    """True on x86 without VNNI: there onnxruntime's 8-bit conv multiplies u8 x s8 pairs with
+    VPMADDUBSW, whose 16-bit sums saturate with full-range weights (seen here on an AVX2 host: a
+    3x3 conv 24% off instead of 2%); onnxruntime's guide says to quantize with ``reduce_range``
+    (7-bit weights) on such hosts."""
+    from bdp.targets.spec import _cpu_flags
+
+    flags = _cpu_flags()
+    return bool(flags) and not ({"avx512_vnni", "avx_vnni"} & flags)
+
+
 def ort_int8_session(model_or_path, threads, input_name, shape, calib=4, seed=0):
+    """An :func:`ort_session` of MODEL quantized to INT8 by :func:`quantize_int8`."""
+    with tempfile.TemporaryDirectory(prefix="bdp-int8-") as d:
+        out = os.path.join(d, "int8.onnx")
+        quantize_int8(model_or_path, out, input_name, shape, calib, seed)
+        return ort_session(out, threads)
+
+
+def quantize_int8(model_or_path, out, input_name, shape, calib=4, seed=0):
     """onnxruntime INT8: MODEL pre-processed as onnxruntime's quantization guide asks
     (``quant_pre_process``: shape inference, BatchNormalization folded into Conv), then statically
     quantized with ``onnxruntime.quantization.quantize_static`` (QDQ, signed 8-bit activations and
     weights, per-channel weights: onnxruntime's recommended first choice), calibrated (min/max) on
-    CALIB standard-normal inputs; returns an :func:`ort_session` of the quantized model."""
+    CALIB standard-normal inputs, 7-bit weights where :func:`int8_reduce_range` says so; the
+    quantized model is written to OUT."""
     import logging
 
     import onnx
@@ -153,17 +173,17 @@ def ort_int8_session(model_or_path, threads, input_name, shape, calib=4, seed=0)
         if hasattr(model_or_path, "SerializeToString"):
             src = os.path.join(d, "fp32.onnx")
             onnx.save(model_or_path, src)
-        pre, out = os.path.join(d, "pre.onnx"), os.path.join(d, "int8.onnx")
+        pre = os.path.join(d, "pre.onnx")
         root = logging.getLogger()
         level = root.level
         root.setLevel(logging.ERROR)  # the quantizer logs its advice on the root logger
         try:
             quant_pre_process(src, pre, skip_symbolic_shape=True)
             quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+                            reduce_range=int8_reduce_range(), activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
         finally:
             root.setLevel(level)
-        return ort_session(out, threads)
+    return out
 
 
 def _int8(row, res, bdp_key="bdp"):
@@ -495,8 +515,8 @@ def run(json_path="bench.json", chart="bench.png", quick=False, only="all", arch
            "method": ("median (and min) of interleaved runs; every runtime uses the same thread count; "
                       "bdp layer = binarize + pack + popcount conv + float epilogue, float in and out; "
                       "onnxruntime INT8 = quantize_static, QDQ, S8S8, per-channel weights, min/max calibration "
-                      "on 4 standard-normal inputs"),
-           "targets": TARGETS}
+                      "on 4 standard-normal inputs, reduce_range (7-bit weights) on hosts without VNNI"),
+           "int8_reduce_range": int8_reduce_range(), "targets": TARGETS}
     print(f"bdp bench: target {spec.name} ({spec.tvm.get('mcpu')}), bdp's popcount ISA {res['isa']}, "
           f"{threads} threads", flush=True)
     rounds = 5 if quick else 30
