@@ -37,7 +37,6 @@ instead of timing (:mod:`bdp.toolchain.bench_rpi4`).
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import os
 import platform
@@ -348,10 +347,11 @@ def bench_model(arch, workdir, *, threads, rounds):
     t0 = time.perf_counter()
     bdp.compile(ckpt, target="x86", out=out, input_shape=MODEL_INPUT)
     row["compile_s"] = time.perf_counter() - t0
-    with open(os.path.join(out, "manifest.json")) as f:
-        man = json.load(f)
-    row["compile_stages_s"] = man.get("compile_seconds", {})
-    st = man.get("stats", {})
+    from .bundle import read_manifest
+
+    man = read_manifest(out, verify=False)
+    row["compile_stages_s"] = man.compile_seconds
+    st = man.stats
     row.update({k: st.get(k) for k in ("binary_convs", "fp_convs", "weights_bytes", "source_weights_bytes", "left_float")})
     if st.get("weights_bytes"):
         row["weights_ratio"] = st["source_weights_bytes"] / st["weights_bytes"]
