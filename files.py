@@ -246,3 +246,18 @@ def is_user_os_error(e: BaseException) -> bool:
     """An OSError that the user's paths or machine caused (disk full, no permission, a file where
     a folder should be, ...), not bdp."""
     return isinstance(e, OSError) and getattr(e, "errno", None) in USER_ERRNOS
+
+
+def read_limited(path, limit: int, too_large: str) -> bytes:
+    """The bytes of the file PATH, at most LIMIT of them; InputError when it cannot be read or is
+    larger (TOO_LARGE: what the message says after the path)."""
+    path = str(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    if len(data) > limit:
+        raise InputError(f"{path}: {too_large}")
+    return data
+

@@ -45,6 +45,9 @@ def _commutes(node: gs.Node, b: binarizers.Binarized) -> bool:
         mode = attr_str(node.attrs.get("mode"), "constant")
         if mode in ("edge", "reflect", "wrap"):
             return True
+        if node.outputs and node.outputs[0].outputs and all(
+                c.op == "Conv" and c.inputs and c.inputs[0] is node.outputs[0] for c in node.outputs[0].outputs):
+            return False  # sign -> Pad -> Conv: fuse-binary-conv folds the Pad into the packed conv's pad value
         v = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else np.zeros(1)
         return v is not None and np.asarray(v).size == 1 and float(np.asarray(v).reshape(-1)[0]) in (b.scale, -b.scale)
     return False

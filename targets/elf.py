@@ -124,3 +124,37 @@ def symbol_file_offset(path, name) -> tuple[int, int] | None:
     except (ELFError, ELFParseError, ValueError, KeyError, EOFError):
         return None
     return None
+
+
+def machine(path) -> str | None:
+    """The ELF machine of PATH in pyelftools' names ('EM_X86_64', 'EM_AARCH64', ...), or None
+    for a file that is not ELF."""
+    from elftools.common.exceptions import ELFError, ELFParseError
+    from elftools.elf.elffile import ELFFile
+
+    try:
+        with open(path, "rb") as f:
+            return str(ELFFile(f).header["e_machine"])
+    except (OSError, ELFError, ELFParseError, ValueError, KeyError, EOFError):
+        return None
+
+
+def version_needs(path) -> dict[str, set[str]]:
+    """{needed library: {symbol versions}} of an ELF file (its GNU version-needed section:
+    which glibc / libstdc++ symbol versions it needs at run time); {} for none."""
+    from elftools.common.exceptions import ELFError, ELFParseError
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.gnuversions import GNUVerNeedSection
+
+    needs: dict[str, set[str]] = {}
+    try:
+        with open(path, "rb") as f:
+            for sec in ELFFile(f).iter_sections():
+                if not isinstance(sec, GNUVerNeedSection):
+                    continue
+                for verneed, auxs in sec.iter_versions():
+                    needs.setdefault(verneed.name, set()).update(aux.name for aux in auxs)
+    except (OSError, ELFError, ELFParseError, ValueError, KeyError, EOFError):
+        return {}
+    return needs
+

@@ -418,24 +418,29 @@ def run_cmd(bundle, input_path, out, viz, force, trust):
 
 @main.command("profile")
 @click.argument("bundle", required=False, default=".")
-@click.option("--device", default="local", show_default=True, help="'local' or a board name from the device config")
+@click.option("--device", default="local", show_default=True,
+              help="'local', a board name from the device config, or 'cortex-a72-model' (an estimate for a "
+                   "Raspberry Pi 4 of an rpi4/arm64 bundle, made here under qemu + llvm-mca)")
 @click.option("--rpc", default=None, help="HOST:PORT of a TVM RPC server")
 @click.option("--tracker", default=None, help="HOST:PORT of a TVM RPC tracker")
 @click.option("--key", default=None, help="device key at the tracker")
-@click.option("--runs", type=int, default=50, show_default=True)
+@click.option("--runs", type=int, default=None, help="timed runs [default: 50; 1 model run for cortex-a72-model]")
 @click.option("--warmup", type=int, default=5, show_default=True)
 @click.option("--json", "json_path", default=None, help="write the results as JSON")
 @click.option("--chart", default=None, help="write a chart: FILE.png or FILE.svg")
 @click.option("--trust", default=None, metavar="PUBKEY", help=TRUST_KEY_HELP)
 @guarded
 def profile_cmd(bundle, device, rpc, tracker, key, runs, warmup, json_path, chart, trust):
-    """Latency of a bundle: median, p90, p99, per-op breakdown, FP32 baseline beside it."""
+    """Latency of a bundle: median, p90, p99, per-op breakdown, FP32 baseline beside it.
+    With --device cortex-a72-model: an estimate for a Raspberry Pi 4 (Cortex-A72, 1 thread) of an
+    rpi4/arm64 bundle: instructions counted exactly under qemu, cycles from llvm-mca."""
     _quiet_tvm()
     from bdp.files import check_output_file
 
     from . import profile as prof
 
-    prof.check_runs(runs)
+    if runs is not None:
+        prof.check_runs(runs)
     if warmup < 0:
         raise InputError(f"--warmup {warmup}: must be 0 or more")
     for path, what in ((json_path, "--json file"), (chart, "--chart file")):
@@ -445,22 +450,22 @@ def profile_cmd(bundle, device, rpc, tracker, key, runs, warmup, json_path, char
         from .charts import chart_format
 
         chart_format(chart)  # a wrong extension fails before the measuring
-    if rpc or tracker or device != "local":
-        from . import remote
-        from .bundle import read_manifest
+    from .bundle import read_manifest
 
-        read_manifest(bundle, trust=trust)  # a configured trust key is checked before anything is sent
-
-        res = remote.profile_remote(bundle, device=device, rpc=rpc, tracker=tracker, key=key, runs=runs,
-                                    warmup=warmup)
-    else:
-        res = prof.profile_local(bundle, runs=runs, warmup=warmup, trust=trust)
+    read_manifest(bundle, trust=trust)  # a configured trust key is checked before anything runs or is sent
+    res = prof.run_profile(bundle, device=device, rpc=rpc, tracker=tracker, key=key, runs=runs, warmup=warmup,
+                           trust=trust)
     click.echo(prof.format_text(res))
     if json_path:
         prof.write_json(json_path, res)
         click.echo(f"wrote {json_path}")
     if chart:
-        prof.chart_png(chart, res)
+        if res.get("estimate"):
+            from .estimate import chart_png as estimate_chart
+
+            estimate_chart(chart, res)
+        else:
+            prof.chart_png(chart, res)
         click.echo(f"wrote {chart}")
 
 
@@ -472,9 +477,14 @@ def profile_cmd(bundle, device, rpc, tracker, key, runs, warmup, json_path, char
               help="wild: Larq / Brevitas networks from the wild (not part of all)")
 @click.option("--wild-dir", type=click.Path(file_okay=False), default=None,
               help="with --only wild: Larq networks made by make_larq.py --full (default: the small test fixtures)")
+@click.option("--target", "-t", type=click.Choice(["x86", "rpi4"]), default="x86", show_default=True,
+              help="rpi4: the tables ESTIMATED for a Raspberry Pi 4 with the Cortex-A72 model (qemu + llvm-mca)")
+@click.option("--arch", "archs", multiple=True, help="zoo architecture(s) for the model table (default: all)")
+@click.option("--runs", type=int, default=1, show_default=True, help="rpi4: model runs per estimator process")
 @guarded
-def bench_cmd(json_path, chart, quick, only, wild_dir):
-    """The performance suite: binary conv layers and zoo models vs onnxruntime / TVM / PyTorch FP32."""
+def bench_cmd(json_path, chart, quick, only, wild_dir, target, archs, runs):
+    """The performance suite: binary conv layers and zoo models vs onnxruntime FP32 / INT8, TVM, PyTorch FP32.
+    With --target rpi4: bdp and TVM FP32 on the Cortex-A72 estimator (estimates, not measurements)."""
     _quiet_tvm()
     from bdp.files import check_output_file
 
@@ -484,7 +494,18 @@ def bench_cmd(json_path, chart, quick, only, wild_dir):
     chart_format(chart)  # a wrong extension fails before the suite's minutes of measuring
     check_output_file(json_path, "--json file")
     check_output_file(chart, "--chart file")
-    bench.run(json_path=json_path, chart=chart, quick=quick, only=only, wild_dir=wild_dir)
+    if only == "wild" and target != "x86":
+        raise InputError("--only wild runs on x86 only")
+    if runs < 1:
+        raise InputError("--runs must be at least 1")
+    if archs:
+        from bdp.models import zoo
+
+        bad = [a for a in archs if a not in zoo.ARCHITECTURES]
+        if bad:
+            raise InputError(f"unknown architecture '{bad[0]}'; `bdp models` lists them")
+    bench.run(json_path=json_path, chart=chart, quick=quick, only=only, archs=archs or None, target=target,
+              runs=runs, wild_dir=wild_dir)
 
 
 @main.command("demo")

@@ -236,6 +236,7 @@ class OutputSpec(_DictRead):
     shape: list
     dtype: str = "float32"
     task: str = "unknown"
+    classes: list | None = None  # semseg: the class names (for the pictures' legend)
 
     @classmethod
     def from_dict(cls, d, where="manifest", i=0):
@@ -243,12 +244,19 @@ class OutputSpec(_DictRead):
         task = d.get("task", "unknown")
         if task not in TASKS:
             _fail(where, f"'outputs[{i}].task' {_show(task)} is not one of {', '.join(TASKS)}")
+        classes = d.get("classes")
+        if classes is not None and (not isinstance(classes, list) or len(classes) > 4096
+                                    or not all(isinstance(c, str) and len(c) <= 128 for c in classes)):
+            _fail(where, f"'outputs[{i}].classes' must be a list of class names, got {_show(classes)}")
         return cls(name=safe_output_name(where, f"outputs[{i}].name", d.get("name")),
                    shape=_shape(where, f"outputs[{i}].shape", d.get("shape")),
-                   dtype=_dtype(where, f"outputs[{i}].dtype", d.get("dtype", "float32")), task=task)
+                   dtype=_dtype(where, f"outputs[{i}].dtype", d.get("dtype", "float32")), task=task, classes=classes)
 
     def to_dict(self):
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "task": self.task}
+        d = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "task": self.task}
+        if self.classes is not None:
+            d["classes"] = list(self.classes)
+        return d
 
 
 @dataclass

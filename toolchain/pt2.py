@@ -424,16 +424,10 @@ class _quiet_torch_logs:
 
 
 def read_archive(path) -> bytes:
-    path = str(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_ARCHIVE_BYTES + 1)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from None
-    if len(data) > MAX_ARCHIVE_BYTES:
-        raise InputError(f"{path}: larger than {MAX_ARCHIVE_BYTES / 2**30:.0f} GiB; bdp does not load model files "
-                         "this large")
-    return data
+    from bdp.files import read_limited
+
+    return read_limited(path, MAX_ARCHIVE_BYTES, f"larger than {MAX_ARCHIVE_BYTES / 2**30:.0f} GiB; bdp does not "
+                                                 "load model files this large")
 
 
 def load_exported_program(path, trust=False):

@@ -30,14 +30,9 @@ def _read_key_file(path, what):
     path = str(path)
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such {what} file")
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_KEY_BYTES + 1)
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from None
-    if len(data) > MAX_KEY_BYTES:
-        raise InputError(f"{path}: too large for a {what}")
-    return data
+    from bdp.files import read_limited
+
+    return read_limited(path, MAX_KEY_BYTES, f"too large for a {what}")
 
 
 def load_private_key(path):

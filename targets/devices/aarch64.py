@@ -29,7 +29,6 @@ import importlib.util
 import os
 import platform
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -62,7 +61,6 @@ RUNNER_SOURCE = Path(__file__).with_name("runtime") / "bdp_run.cc"
 RUNNER_FLAGS = ("-std=c++17", "-O2", "-Wall")
 
 _VERSIONS_FILE = "VERSIONS"
-_EM_AARCH64 = 183
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -89,20 +87,10 @@ def _versions_stamp() -> str:
     return f"apache-tvm=={TVM_VERSION}\napache-tvm-ffi=={FFI_VERSION}\n"
 
 
-def _elf_machine(path: Path) -> int | None:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(20)
-    except OSError:
-        return None
-    if len(head) < 20 or head[:4] != b"\x7fELF":
-        return None
-    endian = "<" if head[5] == 1 else ">"
-    return struct.unpack(endian + "H", head[18:20])[0]
-
-
 def _is_aarch64_elf(path: Path) -> bool:
-    return _elf_machine(path) == _EM_AARCH64
+    from ..elf import machine
+
+    return machine(path) == "EM_AARCH64"
 
 
 def _runtime_complete(d: Path) -> bool:
@@ -289,43 +277,6 @@ def build_runner(out_path: str | os.PathLike, cc: str | None = None) -> Path:
 
 # ----------------------------------------------------------------------------- requirements
 
-def _elf_version_needs(path: Path) -> dict[str, set[str]]:
-    """{needed library: {symbol versions}} from an ELF64 little-endian file's .gnu.version_r."""
-    data = Path(path).read_bytes()
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        return {}
-    e_shoff, = struct.unpack_from("<Q", data, 0x28)
-    e_shentsize, e_shnum = struct.unpack_from("<HH", data, 0x3A)
-    sections = []
-    for i in range(e_shnum):
-        off = e_shoff + i * e_shentsize
-        sh_type, = struct.unpack_from("<I", data, off + 4)
-        sh_offset, sh_size = struct.unpack_from("<QQ", data, off + 0x18)
-        sh_link, sh_info = struct.unpack_from("<II", data, off + 0x28)
-        sections.append((sh_type, sh_offset, sh_size, sh_link, sh_info))
-
-    def cstr(base: int, off: int) -> str:
-        end = data.index(b"\0", base + off)
-        return data[base + off:end].decode()
-
-    needs: dict[str, set[str]] = {}
-    for sh_type, off, _size, link, count in sections:
-        if sh_type != 0x6FFFFFFE:  # SHT_GNU_verneed
-            continue
-        strtab = sections[link][1]
-        pos = off
-        for _ in range(count):
-            _ver, cnt, vn_file, vn_aux, vn_next = struct.unpack_from("<HHIII", data, pos)
-            lib = cstr(strtab, vn_file)
-            apos = pos + vn_aux
-            for _ in range(cnt):
-                _hash, _flags, _other, vna_name, vna_next = struct.unpack_from("<IHHII", data, apos)
-                needs.setdefault(lib, set()).add(cstr(strtab, vna_name))
-                apos += vna_next
-            pos += vn_next
-    return needs
-
-
 def _max_version(versions, prefix: str) -> str | None:
     best = None
     for v in versions:
@@ -350,9 +301,11 @@ def device_requirements(files: Sequence[str | os.PathLike]) -> dict:
 
     Returns {"glibc": "2.34", "glibcxx": "3.4.29", "gcc": "11"} (values None when unused).
     """
+    from ..elf import version_needs
+
     glibc, glibcxx = set(), set()
     for f in files:
-        for vers in _elf_version_needs(Path(f)).values():
+        for vers in version_needs(Path(f)).values():
             for v in vers:
                 if v.startswith("GLIBC_"):
                     glibc.add(v)
