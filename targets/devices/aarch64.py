@@ -434,12 +434,17 @@ def run_under_qemu(bundle_dir: str | os.PathLike, input_npy: str | os.PathLike, 
     run_env = dict(os.environ)
     run_env["QEMU_LD_PREFIX"] = QEMU_LD_PREFIX
     run_env["LD_LIBRARY_PATH"] = str((bundle / "lib").resolve())  # host paths mean nothing to AArch64
+    if not _host_is_aarch64():
+        # one thread under emulation: TVM's thread pool can stall for good under qemu-user (a
+        # worker that never wakes while the caller spins; seen at random on 2-core hosts), and
+        # an emulated run is for checking results, not speed. `env` may still ask for more.
+        run_env["TVM_NUM_THREADS"] = "1"
     if env:
         run_env.update(env)
     return subprocess.run(cmd, capture_output=True, text=True, env=run_env, timeout=timeout)
 
 
-def run_bundle(bundle_dir: str | os.PathLike, x, output_names: Sequence[str]) -> dict:
+def run_bundle(bundle_dir: str | os.PathLike, x, output_names: Sequence[str], timeout: float = 3600.0) -> dict:
     """Run the bundle's own ``bin/bdp-run`` on X (natively on an AArch64 host, under qemu-aarch64
     elsewhere); returns {output name: array}. InputError when the runner fails."""
     import numpy as np
@@ -451,7 +456,10 @@ def run_bundle(bundle_dir: str | os.PathLike, x, output_names: Sequence[str]) ->
         np.save(inp, np.asarray(x, np.float32))
         outdir = os.path.join(td, "out")
         os.makedirs(outdir)
-        proc = run_under_qemu(bundle_dir, inp, outdir)
+        try:
+            proc = run_under_qemu(bundle_dir, inp, outdir, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise InputError(f"{bundle_dir}: bin/bdp-run did not finish within {timeout:g} s") from None
         if proc.returncode != 0:
             msg = (proc.stderr or proc.stdout or "").strip().splitlines()
             raise InputError(f"{bundle_dir}: bin/bdp-run failed (exit {proc.returncode}): {msg[-1] if msg else ''}")
