@@ -28,6 +28,8 @@ TRUST_HELP = ("load a .pt2 with torch.export.load as is: it may run code from th
 
 
 def _fail(msg, code):
+    if _TERMINATING and code != 143:  # the SIGTERM surfaced as another error (e.g. through a TVM callback)
+        msg, code = "terminated", 143
     click.echo(f"bdp: error: {_one_line(msg)}", err=True)
     sys.exit(code)
 
@@ -101,6 +103,9 @@ class _Group(click.Group):
         sys.exit(0)
 
 
+_TERMINATING = False
+
+
 class _Terminated(BaseException):
     """SIGTERM, raised in the main thread so that cleanups run (BaseException: no handler of
     bdp's own catches it)."""
@@ -110,6 +115,8 @@ def _exit_cleanly_on_sigterm():
     import signal
 
     def handler(signum, frame):
+        global _TERMINATING
+        _TERMINATING = True
         raise _Terminated()
 
     try:
