@@ -33,37 +33,58 @@ from .relayout import block_dim_map, move_dim_last, relayout_plan
 from .tir_util import (PARALLEL_MIN_MACS, SCHEDULE_ERRORS, extent, fuse_consumers, iter_kinds, loops_below,
                        par_fuse)
 
-FMA_LATENCY = 4.5  # cycles between dependent FMAs (4 on Intel since Skylake, 5 on Zen 2, 4 on Zen 3)
+FMA_LATENCY = 4.0  # cycles between dependent FMAs (4 on Intel since Skylake and on Zen 3, 5 on Zen 2)
+BROADCAST_FP = 0.5  # FP pipe slots of a broadcast from memory (Zen 3)
+WEIGHT_LOAD = 3.0  # load slots a weight vector costs (measured: 32 x 2 tiles lose to 16 x 4)
 MIN_PARALLEL_CHUNKS = 16  # channel tiles x row bands to give the thread pool
-BLOCK_MIN_TERMS = 32  # smallest block of a blocked reduction (below it the extra adds cost too much)
+BLOCK_MIN_TERMS = 64  # smallest block of a blocked reduction (8 channels of a 3x3 conv, as MLAS sums them)
 MAX_VECTORS = 8  # vector registers across the channels of a tile
+BAND_ACC_BYTES = 16384  # band accumulators that stay in L1: the reduction blocks go outside the tiles
 
 
-def _step_cycles(xt, nvec):
-    """Cycles of one reduction step of a tile of XT positions x NVEC vectors: FMA throughput
-    (two per cycle), the latency of each accumulator's chain, and loads (two per cycle)."""
-    return max(xt * nvec / 2.0, FMA_LATENCY, (xt + nvec) / 2.0)
+def _step_cycles(xt, nvec, regs):
+    """Cycles of one reduction step of a tile of XT positions x NVEC vectors (None: it does not
+    fit in REGS vector registers - accumulators, the weight vectors and a broadcast; LLVM
+    spills rather than reload weights). The larger of: FMAs (two per cycle) plus the FP pipe
+    share of the broadcasts (half a slot each on Zen 3); the latency of each accumulator's
+    chain; loads (two per cycle, a weight vector counting WEIGHT_LOAD: it streams from further
+    away than the input pixels). Calibrated on Zen 3 against measured tiles: 16 channels x 4
+    positions is the best AVX2 tile, 8 x 7 and a single position are 30-60% slower."""
+    acc = xt * nvec
+    if acc + nvec + 2 > regs:
+        return None
+    return max(acc / 2.0 + xt * BROADCAST_FP, FMA_LATENCY, (xt + WEIGHT_LOAD * nvec) / 2.0)
 
 
-def tile_sizes(m, p, lanes, regs):
-    """(uv, xt) for M output channels and P positions: UV a multiple of LANES dividing M, XT
-    positions per tile, minimizing the cycles of all tiles (the last one partial) within the
-    vector registers REGS: accumulators, the weight vectors (held when XT > 1) and a
-    broadcast."""
+def tile_plan(m, rows, width, k, chunks, lanes, regs):
+    """(uv, xt, bands) for M output channels, a ROWS x WIDTH grid of positions (rows cut into
+    BANDS that divide them evenly), K reduction steps, CHUNKS parallel tiles besides: UV a
+    multiple of LANES dividing M, XT positions per tile. Minimizes the modelled cycles
+    (:func:`_step_cycles` per step, a write-back per tile; a partial tile keeps a bounds check
+    on every position, which LLVM does not always hoist) with enough parallel tiles
+    (MIN_PARALLEL_CHUNKS) where the rows allow."""
     best = None
-    for nvec in range(1, MAX_VECTORS + 1):
-        uv = nvec * lanes
-        if m % uv:
+    for nb in range(1, rows + 1):
+        if rows % nb:
             continue
-        for xt in range(1, max(1, p) + 1):
-            if xt * nvec + (nvec if xt > 1 else 0) + 2 > regs:
-                break
-            full, tail = divmod(p, xt)
-            cycles = (m // uv) * (full * _step_cycles(xt, nvec) + (_step_cycles(tail, nvec) if tail else 0.0))
-            key = (round(cycles, 6), -xt * nvec, -nvec)
-            if best is None or key < best[0]:
-                best = (key, uv, xt)
-    return (best[1], best[2]) if best else (None, None)
+        pband = rows // nb * width
+        for nvec in range(1, MAX_VECTORS + 1):
+            uv = nvec * lanes
+            if m % uv:
+                continue
+            par = chunks * nb * (m // uv)
+            for xt in range(1, pband + 1):
+                step = _step_cycles(xt, nvec, regs)
+                if step is None:
+                    break
+                tiles = -(-pband // xt)
+                cycles = (m // uv) * nb * tiles * (k * step + xt * uv)
+                if pband % xt:
+                    cycles *= 1.1  # the bounds checks
+                key = (par < MIN_PARALLEL_CHUNKS and nb < rows, round(cycles, 3), nb, -xt * nvec)
+                if best is None or key < best[0]:
+                    best = (key, uv, xt, nb)
+    return best[1:] if best else (None, None, None)
 
 
 def _param_index(sch, buf):
@@ -116,38 +137,23 @@ def _positions_map(ns_iters, nr, pos, band_rows, width):
     return IndexMap.from_func(f, ndim=ns_iters + nr)
 
 
-def _reduction_split(exts):
-    """(loop index, blocks) of the reduction loops (extents EXTS) to sum in blocks of about
-    sqrt(K) terms, or None for a reduction too short to split."""
-    k = math.prod(exts)
-    target = max(BLOCK_MIN_TERMS, math.sqrt(k))
+def _block_count(ext, inner, k):
+    """Blocks to cut a reduction loop of extent EXT into (a divisor of EXT; the loop runs
+    outside INNER other terms, K in all) so that a block sums about sqrt(K) terms, or 1 for a
+    reduction too short to split."""
     if k < 2 * BLOCK_MIN_TERMS:
-        return None
-    best = None
-    for li, e in enumerate(exts):
-        for nblk in range(2, e + 1):
-            if e % nblk:
-                continue
-            terms = k // nblk
-            if terms < BLOCK_MIN_TERMS // 2:
-                break
-            key = (abs(math.log(terms / target)), li)
-            if best is None or key < best[0]:
-                best = (key, li, nblk)
-    return (best[1], best[2]) if best else None
-
-
-def _bands(rows, chunks):
-    """Row bands (a divisor of ROWS) that bring CHUNKS parallel tiles to MIN_PARALLEL_CHUNKS."""
-    if chunks >= MIN_PARALLEL_CHUNKS:
         return 1
-    need = -(-MIN_PARALLEL_CHUNKS // chunks)
-    return next((d for d in range(need, rows + 1) if rows % d == 0), rows)
+    target = max(BLOCK_MIN_TERMS, math.sqrt(k))
+    best = (abs(math.log(k / target)), 1)
+    for nblk in range(2, ext + 1):
+        if ext % nblk == 0 and k // nblk >= BLOCK_MIN_TERMS // 2:
+            best = min(best, (abs(math.log(k / nblk / target)), nblk))
+    return best[1]
 
 
-def _binding_loops(sch, block, dim):
+def _index_loops(sch, block, index):
     """The loops (LoopRVs, outermost first) whose variables the binding of the iterator that
-    indexes dimension DIM of BLOCK's output uses."""
+    INDEX (an expression of BLOCK's iterators) uses."""
     import tvm_ffi
     from tvm import s_tir
 
@@ -164,7 +170,7 @@ def _binding_loops(sch, block, dim):
     if len(found) != 1:
         return []
     stmt = sch.get(block)
-    dim_vars = vars_in(stmt.writes[0].region[dim].min)
+    dim_vars = vars_in(index)
     idx = [i for i, iv in enumerate(stmt.iter_vars) if iv.var in dim_vars]
     if len(idx) != 1:
         return []
@@ -172,19 +178,83 @@ def _binding_loops(sch, block, dim):
     return [lp for lp in sch.get_loops(block) if sch.get(lp).loop_var in used]
 
 
-def _channels_innermost(sch, block, dim, anchor, uv):
-    """Put the loop of BLOCK's output dimension DIM (the channels) innermost below ANCHOR and
-    vectorize it."""
+def _move_innermost(sch, block, index, anchor):
+    """Reorder the loops of BLOCK below ANCHOR so that the one INDEX (an expression of the
+    block's iterators) runs over is innermost; returns that loop (or None)."""
     below = loops_below(sch, block, anchor)
-    ch = [lp for lp in _binding_loops(sch, block, dim) if any(sch.get(lp).same_as(sch.get(b)) for b in below)]
+    ch = [lp for lp in _index_loops(sch, block, index) if any(sch.get(lp).same_as(sch.get(b)) for b in below)]
     if not ch or not below:
-        return
+        return None
     c = ch[-1]
     if not sch.get(below[-1]).same_as(sch.get(c)):
-        rest = [lp for lp in below if not sch.get(lp).same_as(sch.get(c))]
-        sch.reorder(*rest, c)
-    if extent(sch, c) == uv:
-        sch.vectorize(c)
+        sch.reorder(*[lp for lp in below if not sch.get(lp).same_as(sch.get(c))], c)
+    return c
+
+
+def _vectorize_lanes(sch, loop, lanes):
+    """Vectorize LOOP (a multiple of LANES) at the register width: a loop of registers
+    (unrolled) around a loop of LANES (vectorized)."""
+    ext = extent(sch, loop)
+    if ext is None or ext % lanes:
+        return
+    if ext > lanes:
+        regs, loop = sch.split(loop, [None, lanes])
+        sch.unroll(regs)
+    sch.vectorize(loop)
+
+
+def _input_channel(sch, block, ctx):
+    """(read index, dimension, ndim, reduction iterator index) of BLOCK's one non-constant read
+    (the input) and the reduction iterator that indexes one of its dimensions alone: the input
+    channel (None when there is no such read or iterator, or it has fewer than 8 channels)."""
+    stmt = sch.get(block)
+    consts = ctx.get("const_params", ())
+    inputs = [i for i, r in enumerate(stmt.reads) if _param_index(sch, r.source) not in consts]
+    if len(inputs) != 1:
+        return None
+    for j, iv in enumerate(stmt.iter_vars):
+        if iv.iter_type != 2 or int(iv.dom.extent) < 8:
+            continue
+        plan = relayout_plan(stmt, iv.var)
+        hit = [(i, d, nd) for i, _, d, nd in plan or () if i == inputs[0]]
+        if len(hit) == 1:
+            return (*hit[0], j)
+    return None
+
+
+def _input_channel_last(sch, block, read, dim, nd, cache_map):
+    """Give BLOCK's input (read index READ) a layout with dimension DIM (of ND, the input
+    channel) last: its producer's, if this function makes it (a padding stage: the copy exists
+    anyway), else a copy at run time - indexed by CACHE_MAP of the block's iterators where
+    given (a strided 1x1 conv: a copy of the pixels it reads only), else a copy of the buffer."""
+    buf = sch.get(block).reads[read].source
+    prod = [b for b in sch.get_producers(block) if any(w.source.same_as(buf) for w in sch.get(b).writes)]
+    if prod:
+        pblk = prod[0]
+    elif cache_map is not None:
+        sch.reindex_cache_read(block, read, "global", cache_map)
+        return
+    else:
+        pblk = sch.cache_read(block, read, "global")
+    sch.transform_layout(pblk, ("write", 0), move_dim_last(dim, nd))
+    try:  # iterate the copy in its new layout: contiguous writes
+        sch.transform_block_layout(pblk, move_dim_last(dim, len(sch.get_loops(pblk))))
+    except SCHEDULE_ERRORS:
+        pass
+
+
+def _read_dim_order(stmt, read, skip, rank):
+    """The dimensions of read READ of STMT other than SKIP, sorted by RANK (iterator var ->
+    position of its loop) of the iterator indexing each (dimensions with none first)."""
+    from .tir_util import vars_in
+
+    dims = []
+    for d, rg in enumerate(stmt.reads[read].region):
+        if d == skip:
+            continue
+        vs = [rank[v] for v in vars_in(rg.min) if v in rank]
+        dims.append((min(vs) if vs else -1, d))
+    return tuple(d for _, d in sorted(dims))
 
 
 def tile_channels(sch, block, lanes, regs, ctx):
@@ -215,19 +285,30 @@ def tile_channels(sch, block, lanes, regs, ctx):
     if len(pos) == 2 and pos[1] != pos[0] + 1:
         return False
     m = sext[ui]
-    p = math.prod(sext[i] for i in pos)
     macs = math.prod(sext) * math.prod(rext)
-    uv, xt = tile_sizes(m, p, lanes, regs)
-    if uv is None:
-        return False
     outer_ext = math.prod(sext[i] for i in others if i not in pos)
     rows = sext[pos[0]]
-    nb = _bands(rows, outer_ext * (m // uv)) if macs >= PARALLEL_MIN_MACS else 1
-    if nb > 1:
-        uv, xt = tile_sizes(m, p // nb, lanes, regs)
-    band_rows = rows // nb
     width = sext[pos[1]] if len(pos) == 2 else 1
+    chunks = outer_ext if macs >= PARALLEL_MIN_MACS else MIN_PARALLEL_CHUNKS
+    uv, xt, nb = tile_plan(m, rows, width, math.prod(rext), chunks, lanes, regs)
+    if uv is None:
+        return False
+    band_rows = rows // nb
     pband = band_rows * width
+    # the reduction: blocks over the input channel (innermost, contiguous in a channel-last
+    # input), or over the outermost reduction loop that splits well
+    inch = _input_channel(sch, block, ctx)
+    k = math.prod(rext)
+    if inch is not None:
+        ci = inch[3] - ns
+        taps = [j for j in range(len(rext)) if j != ci]
+        nblk = _block_count(rext[ci], k // rext[ci], k)
+    else:
+        ci, taps = 0, list(range(1, len(rext)))
+        nblk = _block_count(rext[0], k // rext[0], k)
+    r_order = taps + [ci]  # reduction loops, outermost first (the block loop goes outside them)
+    nsp = ns + 2 - len(pos)  # spatial iterators once the positions are (band, position)
+    rank = {stmt.iter_vars[ns + j].var: nsp + i for i, j in enumerate(r_order)}
 
     # the output (an intermediate of this function) stored as [..., band, position]
     out_buf = stmt.writes[0].source
@@ -235,13 +316,25 @@ def tile_channels(sch, block, lanes, regs, ctx):
         sch.cache_write(block, 0, "global")
     for ri, buf, d, nd in relayout_plan(sch.get(block), svars[ui]):
         pidx = _param_index(sch, buf)
-        sch.transform_layout(block, ("read", ri), block_dim_map(d, nd, uv))
-        ctx["relayouts"][pidx] = (d, nd, uv)
+        order = _read_dim_order(sch.get(block), ri, d, rank)
+        sch.transform_layout(block, ("read", ri), block_dim_map(d, nd, uv, order))
+        ctx["relayouts"][pidx] = (d, nd, uv, order)
     # iterators first, then the buffer: its indices then simplify to the new iterators
-    sch.transform_block_layout(block, _positions_map(ns, len(rext), pos, band_rows, width))
+    posmap = _positions_map(ns, len(rext), pos, band_rows, width)
+    sch.transform_block_layout(block, posmap)
     sch.transform_layout(block, ("write", 0), _positions_map(ns, 0, pos, band_rows, width))
-    # iterators now: spatial (others before pos..., band, position, ... with pos collapsed), reductions
-    nsp = ns + 2 - len(pos)
+    if inch is not None and inch[1] != inch[2] - 1:
+        cache_map = None
+        if all(rext[j] == 1 for j in taps):  # 1x1: a copy of just the pixels read
+            from .tir_util import region_vars
+
+            st2 = sch.get(block)
+            used = region_vars(st2.reads[inch[0]].region)
+            keep = [i for i in range(nsp) if st2.iter_vars[i].var in used]
+            from tvm.tirx import IndexMap
+
+            cache_map = IndexMap.from_func(lambda *ax: (*(ax[i] for i in keep), ax[nsp + ci]), ndim=nsp + len(rext))
+        _input_channel_last(sch, block, inch[0], inch[1], inch[2], cache_map)
     ui2 = ui if ui < pos[0] else ui - len(pos) + 2
     bi, pi = pos[0], pos[0] + 1
     loops = sch.get_loops(block)
@@ -250,47 +343,61 @@ def tile_channels(sch, block, lanes, regs, ctx):
     po, xi = sch.split(s_loops[pi], [None, xt]) if xt < pband else (s_loops[pi], None)
     outer = [lp for i, lp in enumerate(s_loops) if i not in (ui2, bi, pi)]
     par = outer + [uo, s_loops[bi]]
-    split = _reduction_split(rext)
-    if split is not None:
-        li, nblk = split
-        ro, rin = sch.split(r_loops[li], [nblk, None])
-        r_loops = [ro] + r_loops[:li] + [rin] + r_loops[li + 1:]
+    split = nblk > 1
+    if split:
+        ro, rin = sch.split(r_loops[ci], [nblk, None])
+        r_loops = [ro] + [r_loops[j] for j in taps] + [rin]
+    else:
+        r_loops = [r_loops[j] for j in r_order]
     inner = ([xi] if xi is not None else []) + [u_in]
-    sch.reorder(*par, po, *r_loops, *inner)
+    rblk_outer = split and pband * uv * 4 <= BAND_ACC_BYTES
+    if rblk_outer:
+        sch.reorder(*par, r_loops[0], po, *r_loops[1:], *inner)
+    else:
+        sch.reorder(*par, po, *r_loops, *inner)
     udim = ui2  # the channel dimension of the output and of the accumulators
     main = block
-    if split is not None:
+    if split:
         main = sch.rfactor(r_loops[0], factor_axis=0)  # block sums; BLOCK now adds them up
         ml = sch.get_loops(main)
-        lp_po, lp_rblk, lp_r1 = ml[len(par)], ml[len(par) + 1], ml[len(par) + 2]
+        if rblk_outer:
+            lp_rblk, lp_po, lp_r1 = ml[len(par)], ml[len(par) + 1], ml[len(par) + 2]
+            lp_anchor = lp_po
+        else:
+            lp_po, lp_rblk, lp_r1 = ml[len(par)], ml[len(par) + 1], ml[len(par) + 2]
+            lp_anchor = lp_rblk
         loc = sch.cache_write(main, 0, "local")
-        sch.reverse_compute_at(loc, lp_rblk)
-        sch.reverse_compute_at(block, lp_rblk)
+        sch.reverse_compute_at(loc, lp_anchor)
+        sch.reverse_compute_at(block, lp_anchor)
         sch.transform_layout(main, ("write", 0), move_dim_last(udim + 1, nsp + 1))
         try:
             sch.compute_inline(loc)  # the block sums are added straight from the registers
         except SCHEDULE_ERRORS:
             pass
         acc = sch.cache_write(block, 0, "local")
-        sch.reverse_compute_at(acc, lp_po)
+        sch.reverse_compute_at(acc, ml[len(par) - 1] if rblk_outer else lp_po)
         sch.transform_layout(block, ("write", 0), move_dim_last(udim, nsp))
-        _channels_innermost(sch, block, nsp - 1, lp_rblk, uv)
+        _vectorize_lanes(sch, _move_innermost(sch, block, sch.get(block).writes[0].region[-1].min, lp_anchor), lanes)
     else:
         ml = sch.get_loops(main)
         lp_po, lp_r1 = ml[len(par)], ml[len(par) + 1]
         acc = sch.cache_write(main, 0, "local")
         sch.reverse_compute_at(acc, lp_po)
         sch.transform_layout(main, ("write", 0), move_dim_last(udim, nsp))
+    acc_buf = sch.get(block).writes[0].source
     fuse_consumers(sch, acc)
+    # the write-back: positions outer, the channels of one position inner (one index computation
+    # per position)
+    rd = next((r for r in sch.get(acc).reads if r.source.same_as(acc_buf)), None)
+    if rd is not None and not rblk_outer:
+        _move_innermost(sch, acc, rd.region[-1].min, lp_po)
     ml = sch.get_loops(main)
     if xi is not None:
         sch.unroll(ml[-2])
-    sch.vectorize(ml[-1])
-    if xt < pband and pband % xt:
-        sch.annotate(lp_po, "pragma_loop_partition_hint", 1)  # peel the partial tile off
+    _vectorize_lanes(sch, ml[-1], lanes)
     if macs >= PARALLEL_MIN_MACS:
         par_fuse(sch, sch.get_loops(main)[:len(par)])
     sch.decompose_reduction(main, lp_r1)  # last: the reduction checks of parallel() need the init
-    if split is not None:
+    if split:
         sch.decompose_reduction(block, lp_rblk)
     return True
