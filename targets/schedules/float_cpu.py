@@ -271,12 +271,16 @@ def schedule_float_cpu(func, spec, const_params=(), debug=False):
             if attempt != "simple":
                 for b in red:
                     name = sch.get(b).name_hint
-                    if attempt == "channels" and tile_channels(sch, b, lanes, regs, ctx):
+                    # constant weights: channel tiles; then vectors over columns, then rows; a
+                    # depthwise conv or pooling too narrow for either: channel tiles of its input
+                    if attempt == "channels" and tile_channels(sch, b, lanes, regs, ctx, vector_input=False):
                         tiled.update({name, name + "_rf"})
                     elif _tile_reduction(sch, b, lanes, regs, ctx):
                         tiled.add(name)
                     elif _tile_row_reduction(sch, b, lanes):
                         tiled.add(name + "_rf")
+                    elif attempt == "channels" and tile_channels(sch, b, lanes, regs, ctx):
+                        tiled.update({name, name + "_rf"})
                 if not tiled:
                     continue
             for b in root_blocks(sch):

@@ -42,21 +42,25 @@ MAX_VECTORS = 8  # vector registers across the channels of a tile
 BAND_ACC_BYTES = 16384  # band accumulators that stay in L1: the reduction blocks go outside the tiles
 
 
-def _step_cycles(xt, nvec, regs):
+def _step_cycles(xt, nvec, regs, vector_input=False):
     """Cycles of one reduction step of a tile of XT positions x NVEC vectors (None: it does not
     fit in REGS vector registers - accumulators, the weight vectors and a broadcast; LLVM
     spills rather than reload weights). The larger of: FMAs (two per cycle) plus the FP pipe
     share of the broadcasts (half a slot each on Zen 3); the latency of each accumulator's
     chain; loads (two per cycle, a weight vector counting WEIGHT_LOAD: it streams from further
     away than the input pixels). Calibrated on Zen 3 against measured tiles: 16 channels x 4
-    positions is the best AVX2 tile, 8 x 7 and a single position are 30-60% slower."""
+    positions is the best AVX2 tile, 8 x 7 and a single position are 30-60% slower.
+    VECTOR_INPUT (depthwise convs, pooling): the input is a vector per position and channel
+    vector, loaded, not broadcast."""
     acc = xt * nvec
     if acc + nvec + 2 > regs:
         return None
+    if vector_input:
+        return max(acc / 2.0, FMA_LATENCY, (acc + WEIGHT_LOAD * nvec) / 2.0)
     return max(acc / 2.0 + xt * BROADCAST_FP, FMA_LATENCY, (xt + WEIGHT_LOAD * nvec) / 2.0)
 
 
-def tile_plan(m, rows, width, k, chunks, lanes, regs):
+def tile_plan(m, rows, width, k, chunks, lanes, regs, vector_input=False):
     """(uv, xt, bands) for M output channels, a ROWS x WIDTH grid of positions (rows cut into
     BANDS that divide them evenly), K reduction steps, CHUNKS parallel tiles besides: UV a
     multiple of LANES dividing M, XT positions per tile. Minimizes the modelled cycles
@@ -74,7 +78,7 @@ def tile_plan(m, rows, width, k, chunks, lanes, regs):
                 continue
             par = chunks * nb * (m // uv)
             for xt in range(1, pband + 1):
-                step = _step_cycles(xt, nvec, regs)
+                step = _step_cycles(xt, nvec, regs, vector_input)
                 if step is None:
                     break
                 tiles = -(-pband // xt)
@@ -91,12 +95,17 @@ def _param_index(sch, buf):
     return next((i for i, q in enumerate(sch.mod["main"].params) if buf.same_as(q)), None)
 
 
-def channel_axis(sch, block, lanes, ctx):
-    """Index of the spatial iterator of BLOCK to vectorize as output channels, or None: its
-    extent a multiple of LANES, every read it indexes a constant parameter that can be re-laid
-    out (one dimension, coefficient 1), and some read (the input) independent of it."""
+def channel_axis(sch, block, lanes, ctx, vector_input=True):
+    """(index of the spatial iterator of BLOCK to vectorize as output channels, reads to give a
+    channel-last copy at run time), or None. The iterator's extent is a multiple of LANES, and
+    every read it indexes uses it alone in one dimension (coefficient 1): constant parameters
+    (weights) are re-laid out at compile time; other reads (the input of a depthwise conv or a
+    pooling) get that dimension last - in the layout of their producer in this function where
+    there is one (a padding copy), else in a copy - when the copies are small next to the
+    work."""
     stmt = sch.get(block)
     consts = ctx.get("const_params", ())
+    macs = math.prod(int(iv.dom.extent) for iv in stmt.iter_vars)
     best = None
     for i, iv in enumerate(stmt.iter_vars):
         if iv.iter_type != 0:
@@ -105,14 +114,23 @@ def channel_axis(sch, block, lanes, ctx):
         if ext % lanes:
             continue
         plan = relayout_plan(stmt, iv.var)
-        if not plan or len(plan) == len(stmt.reads):
+        if not plan:
             continue
-        pidx = [_param_index(sch, buf) for _, buf, _, _ in plan]
-        if any(p is None or p not in consts or p in ctx["relayouts"] for p in pidx):
-            continue
+        runtime, copied, ok = [], 0, True
+        for ri, buf, d, nd in plan:
+            p = _param_index(sch, buf)
+            if p is not None and p in consts:
+                ok = ok and p not in ctx["relayouts"]
+                continue
+            runtime.append((ri, d, nd))
+            if d != nd - 1 and not any(w.source.same_as(buf) for b in sch.get_producers(block)
+                                       for w in sch.get(b).writes):
+                copied += math.prod(int(e) for e in buf.shape)
+        if not ok or copied > macs or len(runtime) > 1 or (runtime and (len(plan) < len(stmt.reads) or not vector_input)):
+            continue  # one run-time operand (the input), and then no broadcast operand besides
         if best is None or ext > best[1]:
-            best = (i, ext)
-    return best[0] if best else None
+            best = (i, ext, runtime)
+    return (best[0], best[2]) if best else None
 
 
 def _positions_map(ns_iters, nr, pos, band_rows, width):
@@ -257,10 +275,11 @@ def _read_dim_order(stmt, read, skip, rank):
     return tuple(d for _, d in sorted(dims))
 
 
-def tile_channels(sch, block, lanes, regs, ctx):
+def tile_channels(sch, block, lanes, regs, ctx, vector_input=True):
     """Schedule reduction BLOCK as channel tiles (see the module docstring); False when it does
     not apply (the schedule is then unchanged, except where a primitive failed: the caller
-    starts over)."""
+    starts over). VECTOR_INPUT: also blocks whose input is indexed by the channels (depthwise
+    convs, pooling)."""
     stmt = sch.get(block)
     kinds = iter_kinds(stmt)
     loops = sch.get_loops(block)
@@ -273,9 +292,10 @@ def tile_channels(sch, block, lanes, regs, ctx):
     region = stmt.writes[0].region
     if len(region) != ns or any(not r.min.same_as(v) for r, v in zip(region, svars)):
         return False  # output indexed other than by the spatial iterators in order
-    ui = channel_axis(sch, block, lanes, ctx)
-    if ui is None:
+    found = channel_axis(sch, block, lanes, ctx, vector_input)
+    if found is None:
         return False
+    ui, vec_reads = found  # vec_reads: the input, when it is read as vectors over the channels
     sext = [int(iv.dom.extent) for iv in stmt.iter_vars[:ns]]
     rext = [int(iv.dom.extent) for iv in stmt.iter_vars[ns:]]
     others = [i for i in range(ns) if i != ui]
@@ -290,14 +310,14 @@ def tile_channels(sch, block, lanes, regs, ctx):
     rows = sext[pos[0]]
     width = sext[pos[1]] if len(pos) == 2 else 1
     chunks = outer_ext if macs >= PARALLEL_MIN_MACS else MIN_PARALLEL_CHUNKS
-    uv, xt, nb = tile_plan(m, rows, width, math.prod(rext), chunks, lanes, regs)
+    uv, xt, nb = tile_plan(m, rows, width, math.prod(rext), chunks, lanes, regs, bool(vec_reads))
     if uv is None:
         return False
     band_rows = rows // nb
     pband = band_rows * width
     # the reduction: blocks over the input channel (innermost, contiguous in a channel-last
     # input), or over the outermost reduction loop that splits well
-    inch = _input_channel(sch, block, ctx)
+    inch = None if vec_reads else _input_channel(sch, block, ctx)
     k = math.prod(rext)
     if inch is not None:
         ci = inch[3] - ns
@@ -316,6 +336,8 @@ def tile_channels(sch, block, lanes, regs, ctx):
         sch.cache_write(block, 0, "global")
     for ri, buf, d, nd in relayout_plan(sch.get(block), svars[ui]):
         pidx = _param_index(sch, buf)
+        if any(ri == v[0] for v in vec_reads):
+            continue
         order = _read_dim_order(sch.get(block), ri, d, rank)
         sch.transform_layout(block, ("read", ri), block_dim_map(d, nd, uv, order))
         ctx["relayouts"][pidx] = (d, nd, uv, order)
@@ -323,6 +345,9 @@ def tile_channels(sch, block, lanes, regs, ctx):
     posmap = _positions_map(ns, len(rext), pos, band_rows, width)
     sch.transform_block_layout(block, posmap)
     sch.transform_layout(block, ("write", 0), _positions_map(ns, 0, pos, band_rows, width))
+    for ri, d, nd in vec_reads:
+        if d != nd - 1:
+            _input_channel_last(sch, block, ri, d, nd, None)
     if inch is not None and inch[1] != inch[2] - 1:
         cache_map = None
         if all(rext[j] == 1 for j in taps):  # 1x1: a copy of just the pixels read
