@@ -38,7 +38,9 @@ BROADCAST_FP = 0.5  # FP pipe slots of a broadcast from memory (Zen 3)
 WEIGHT_LOAD = 3.0  # load slots a weight vector costs (measured: 32 x 2 tiles lose to 16 x 4)
 MIN_PARALLEL_CHUNKS = 16  # channel tiles x row bands to give the thread pool
 BLOCK_MIN_TERMS = 64  # smallest block of a blocked reduction (8 channels of a 3x3 conv, as MLAS sums them)
+UNROLL_STEPS = 80  # reduction steps of a block unrolled (a 3x3 conv's 8 channels x 9 taps)
 MAX_VECTORS = 8  # vector registers across the channels of a tile
+CHANNEL_TILE_ATTR = "bdp.channel_tile"  # (uv, xt) of a conv legalized with padded positions
 BAND_ACC_BYTES = 16384  # band accumulators that stay in L1: the reduction blocks go outside the tiles
 
 
@@ -60,13 +62,15 @@ def _step_cycles(xt, nvec, regs, vector_input=False):
     return max(acc / 2.0 + xt * BROADCAST_FP, FMA_LATENCY, (xt + WEIGHT_LOAD * nvec) / 2.0)
 
 
-def tile_plan(m, rows, width, k, chunks, lanes, regs, vector_input=False):
+def tile_plan(m, rows, width, k, chunks, lanes, regs, vector_input=False, padded=False):
     """(uv, xt, bands) for M output channels, a ROWS x WIDTH grid of positions (rows cut into
     BANDS that divide them evenly), K reduction steps, CHUNKS parallel tiles besides: UV a
     multiple of LANES dividing M, XT positions per tile. Minimizes the modelled cycles
     (:func:`_step_cycles` per step, a write-back per tile; a partial tile keeps a bounds check
     on every position, which LLVM does not always hoist) with enough parallel tiles
-    (MIN_PARALLEL_CHUNKS) where the rows allow."""
+    (MIN_PARALLEL_CHUNKS) where the rows allow. PADDED: the positions can be padded up to a
+    multiple of XT (:func:`bdp.targets.schedules.legalize.legalize_conv2d`), the partial tile
+    is a full one."""
     best = None
     for nb in range(1, rows + 1):
         if rows % nb:
@@ -83,12 +87,20 @@ def tile_plan(m, rows, width, k, chunks, lanes, regs, vector_input=False):
                     break
                 tiles = -(-pband // xt)
                 cycles = (m // uv) * nb * tiles * (k * step + xt * uv)
-                if pband % xt:
+                if pband % xt and not padded:
                     cycles *= 1.1  # the bounds checks
                 key = (par < MIN_PARALLEL_CHUNKS and nb < rows, round(cycles, 3), nb, -xt * nvec)
                 if best is None or key < best[0]:
                     best = (key, uv, xt, nb)
     return best[1:] if best else (None, None, None)
+
+
+def conv_tile_plan(n, m, oh, ow, k, lanes, regs, padded=False):
+    """The :func:`tile_plan` that :func:`tile_channels` makes for a conv of batch N, M output
+    channels, OH x OW outputs and K = C*KH*KW (what the conv legalization pads for)."""
+    macs = n * m * oh * ow * k
+    chunks = n if macs >= PARALLEL_MIN_MACS else MIN_PARALLEL_CHUNKS
+    return tile_plan(m, oh, ow, k, chunks, lanes, regs, padded=padded)
 
 
 def _param_index(sch, buf):
@@ -275,6 +287,36 @@ def _read_dim_order(stmt, read, skip, rank):
     return tuple(d for _, d in sorted(dims))
 
 
+def _padded_epilogue(sch, acc, anchor, ns):
+    """The consumer of a padded conv's tiles (the crop back to rows and columns, with the
+    elementwise ops after it inlined into it): iterated over (band, position) like the conv,
+    under the tile loop ANCHOR, each tile's valid positions after the tile."""
+    from tvm.tirx import IndexMap
+
+    for c in sch.get_consumers(acc):
+        stmt = sch.get(c)
+        try:
+            rd = next(r for r in stmt.reads if any(r.source.same_as(w.source) for w in sch.get(acc).writes))
+        except StopIteration:
+            continue
+        band, posn = rd.region[-2].min, rd.region[-1].min  # h // R, h % R * W + w
+        kinds = iter_kinds(stmt)
+        if len(kinds) != ns or "R" in kinds or "O" in kinds:
+            continue
+        h, w = stmt.iter_vars[ns - 2].var, stmt.iter_vars[ns - 1].var
+        from tvm.sym import detect_linear_equation
+
+        coeff = detect_linear_equation(posn, [w])
+        rows = int(stmt.iter_vars[ns - 2].dom.extent) // int(sch.get(acc).writes[0].source.shape[-2])
+        width = int(stmt.iter_vars[ns - 1].dom.extent)
+        if not coeff or int(coeff[0]) != 1 or h is None:
+            continue
+        sch.transform_block_layout(c, IndexMap.from_func(
+            lambda *ax: (*ax[:-2], ax[-2] // rows, ax[-2] % rows * width + ax[-1]), ndim=ns))
+        sch.reverse_compute_at(c, anchor)
+        del band
+
+
 def tile_channels(sch, block, lanes, regs, ctx, vector_input=True):
     """Schedule reduction BLOCK as channel tiles (see the module docstring); False when it does
     not apply (the schedule is then unchanged, except where a primitive failed: the caller
@@ -299,21 +341,30 @@ def tile_channels(sch, block, lanes, regs, ctx, vector_input=True):
     sext = [int(iv.dom.extent) for iv in stmt.iter_vars[:ns]]
     rext = [int(iv.dom.extent) for iv in stmt.iter_vars[ns:]]
     others = [i for i in range(ns) if i != ui]
-    pos = [i for i in others[1:] if sext[i] > 1][-2:] if len(others) > 1 else others
-    if not pos:
-        pos = others[-1:]
-    if len(pos) == 2 and pos[1] != pos[0] + 1:
-        return False
     m = sext[ui]
     macs = math.prod(sext) * math.prod(rext)
-    outer_ext = math.prod(sext[i] for i in others if i not in pos)
-    rows = sext[pos[0]]
-    width = sext[pos[1]] if len(pos) == 2 else 1
-    chunks = outer_ext if macs >= PARALLEL_MIN_MACS else MIN_PARALLEL_CHUNKS
-    uv, xt, nb = tile_plan(m, rows, width, math.prod(rext), chunks, lanes, regs, bool(vec_reads))
-    if uv is None:
-        return False
-    band_rows = rows // nb
+    prefused = stmt.annotations.get(CHANNEL_TILE_ATTR) if stmt.annotations else None
+    if prefused is not None:
+        # a conv legalized with its positions as (band, position), padded to whole tiles
+        uv, xt = (int(v) for v in prefused)
+        pos = others[-2:]
+        nb, band_rows, width = sext[pos[0]], 1, sext[pos[1]]
+        if len(others) < 2 or pos[1] != pos[0] + 1 or m % uv or sext[pos[1]] % xt:
+            return False
+    else:
+        pos = [i for i in others[1:] if sext[i] > 1][-2:] if len(others) > 1 else others
+        if not pos:
+            pos = others[-1:]
+        if len(pos) == 2 and pos[1] != pos[0] + 1:
+            return False
+        outer_ext = math.prod(sext[i] for i in others if i not in pos)
+        rows = sext[pos[0]]
+        width = sext[pos[1]] if len(pos) == 2 else 1
+        chunks = outer_ext if macs >= PARALLEL_MIN_MACS else MIN_PARALLEL_CHUNKS
+        uv, xt, nb = tile_plan(m, rows, width, math.prod(rext), chunks, lanes, regs, bool(vec_reads))
+        if uv is None:
+            return False
+        band_rows = rows // nb
     pband = band_rows * width
     # the reduction: blocks over the input channel (innermost, contiguous in a channel-last
     # input), or over the outermost reduction loop that splits well
@@ -341,10 +392,10 @@ def tile_channels(sch, block, lanes, regs, ctx, vector_input=True):
         order = _read_dim_order(sch.get(block), ri, d, rank)
         sch.transform_layout(block, ("read", ri), block_dim_map(d, nd, uv, order))
         ctx["relayouts"][pidx] = (d, nd, uv, order)
-    # iterators first, then the buffer: its indices then simplify to the new iterators
-    posmap = _positions_map(ns, len(rext), pos, band_rows, width)
-    sch.transform_block_layout(block, posmap)
-    sch.transform_layout(block, ("write", 0), _positions_map(ns, 0, pos, band_rows, width))
+    if prefused is None:
+        # iterators first, then the buffer: its indices then simplify to the new iterators
+        sch.transform_block_layout(block, _positions_map(ns, len(rext), pos, band_rows, width))
+        sch.transform_layout(block, ("write", 0), _positions_map(ns, 0, pos, band_rows, width))
     for ri, d, nd in vec_reads:
         if d != nd - 1:
             _input_channel_last(sch, block, ri, d, nd, None)
@@ -400,16 +451,20 @@ def tile_channels(sch, block, lanes, regs, ctx, vector_input=True):
         except SCHEDULE_ERRORS:
             pass
         acc = sch.cache_write(block, 0, "local")
-        sch.reverse_compute_at(acc, ml[len(par) - 1] if rblk_outer else lp_po)
+        acc_at = ml[len(par) - 1] if rblk_outer else lp_po
+        sch.reverse_compute_at(acc, acc_at)
         sch.transform_layout(block, ("write", 0), move_dim_last(udim, nsp))
         _vectorize_lanes(sch, _move_innermost(sch, block, sch.get(block).writes[0].region[-1].min, lp_anchor), lanes)
     else:
         ml = sch.get_loops(main)
         lp_po, lp_r1 = ml[len(par)], ml[len(par) + 1]
         acc = sch.cache_write(main, 0, "local")
-        sch.reverse_compute_at(acc, lp_po)
+        acc_at = lp_po
+        sch.reverse_compute_at(acc, acc_at)
         sch.transform_layout(main, ("write", 0), move_dim_last(udim, nsp))
     acc_buf = sch.get(block).writes[0].source
+    if prefused is not None:
+        _padded_epilogue(sch, acc, acc_at, ns)
     fuse_consumers(sch, acc)
     # the write-back: positions outer, the channels of one position inner (one index computation
     # per position)
@@ -420,6 +475,14 @@ def tile_channels(sch, block, lanes, regs, ctx, vector_input=True):
     if xi is not None:
         sch.unroll(ml[-2])
     _vectorize_lanes(sch, ml[-1], lanes)
+    # a block's steps unrolled: every input address is a base per position plus a constant (as
+    # loop counters, LLVM's SLP vectorizer packs the positions' address additions into vectors
+    # and extracts them again, a quarter more instructions)
+    if k // nblk <= UNROLL_STEPS:
+        anchor = lp_rblk if split and not rblk_outer else lp_po
+        for lp in loops_below(sch, main, anchor):
+            if sch.get(lp).kind == 0:  # the reduction loops (the tile's are unrolled or vectorized)
+                sch.unroll(lp)
     if macs >= PARALLEL_MIN_MACS:
         par_fuse(sch, sch.get_loops(main)[:len(par)])
     sch.decompose_reduction(main, lp_r1)  # last: the reduction checks of parallel() need the init
