@@ -169,10 +169,12 @@ def _positions_map(ns_iters, nr, pos, band_rows, width):
 
 def _block_count(ext, inner, k):
     """Blocks to cut a reduction loop of extent EXT into (a divisor of EXT; the loop runs
-    outside INNER other terms, K in all) so that a block sums about sqrt(K) terms, or 1 for a
-    reduction too short to split."""
+    outside INNER other terms, K in all) so that a block sums about sqrt(K) terms (at least
+    BLOCK_MIN_TERMS), or 1 for a reduction too short to split."""
     if k < 2 * BLOCK_MIN_TERMS:
-        return 1
+        # a short reduction over a few channels of several taps (a stem): a block per channel,
+        # as onnxruntime sums them (its kernel for NCHW inputs)
+        return ext if ext >= 2 and inner >= 4 else 1
     target = max(BLOCK_MIN_TERMS, math.sqrt(k))
     best = (abs(math.log(k / target)), 1)
     for nblk in range(2, ext + 1):
@@ -475,11 +477,12 @@ def tile_channels(sch, block, lanes, regs, ctx, vector_input=True):
     if xi is not None:
         sch.unroll(ml[-2])
     _vectorize_lanes(sch, ml[-1], lanes)
-    # a block's steps unrolled: every input address is a base per position plus a constant (as
-    # loop counters, LLVM's SLP vectorizer packs the positions' address additions into vectors
-    # and extracts them again, a quarter more instructions)
-    if k // nblk <= UNROLL_STEPS:
-        anchor = lp_rblk if split and not rblk_outer else lp_po
+    # blocks outside the tiles: a block's steps unrolled, so that every input address is a base
+    # per position plus a constant (with loop counters in them, LLVM's SLP vectorizer packs the
+    # positions' address additions into vectors and extracts them again: 25% slower; measured
+    # slower the other way round for tiles that run over all blocks)
+    if rblk_outer and k // nblk <= UNROLL_STEPS:
+        anchor = lp_po
         for lp in loops_below(sch, main, anchor):
             if sch.get(lp).kind == 0:  # the reduction loops (the tile's are unrolled or vectorized)
                 sch.unroll(lp)
