@@ -25,6 +25,9 @@ Timings alternate between the runtimes in a few passes of consecutive runs (see
 :func:`time_interleaved`), so that a change of the machine's load hits them alike; the median is
 the headline number and the minimum is kept too. ``--quick`` is a smoke run: fewer
 rounds, the first two layer shapes, one model.
+
+``--only float-layers`` runs :mod:`bdp.toolchain.bench_float` instead: bdp's float (non-binary)
+layers against onnxruntime, speed and round-off.
 """
 
 from __future__ import annotations
@@ -391,6 +394,16 @@ def run(json_path="bench.json", chart="bench.png", quick=False, only="all", arch
                       "bdp layer = binarize + pack + popcount conv + float epilogue, float in and out"),
            "targets": TARGETS}
     rounds = 5 if quick else 30
+    if only == "float-layers":  # bdp's float layers vs onnxruntime: toolchain/bench_float.py
+        from .bench_float import FLOAT_TARGET, METHOD, run_float_layers
+
+        fspec = get_target(FLOAT_TARGET)
+        res.update(target={"name": fspec.name, "tvm": fspec.tvm}, method=METHOD)
+        res["float_layers"], res["summary"] = run_float_layers(threads=threads, quick=quick, spec_name=FLOAT_TARGET)
+        print(res["summary"])
+        _write_json(json_path, res)
+        print(f"wrote {json_path}")
+        return res
     if only in ("layers", "all"):
         shapes = LAYER_SHAPES[:2] if quick else LAYER_SHAPES
         res["layers"] = []

@@ -317,7 +317,9 @@ def profile_cmd(bundle, device, rpc, tracker, key, runs, warmup, json_path, char
 @click.option("--json", "json_path", default="bench.json", show_default=True)
 @click.option("--chart", default="bench.png", show_default=True, help="the chart: FILE.png or FILE.svg")
 @click.option("--quick", is_flag=True, help="fewer runs and smaller models (a smoke run, not for the README)")
-@click.option("--only", type=click.Choice(["layers", "models", "all"]), default="all", show_default=True)
+@click.option("--only", type=click.Choice(["layers", "models", "all", "float-layers"]), default="all", show_default=True,
+              help="float-layers: bdp's float layers (stems, heads, shortcuts, pooling) vs onnxruntime, "
+                   "speed and round-off (no chart)")
 @guarded
 def bench_cmd(json_path, chart, quick, only):
     """The performance suite: binary conv layers and zoo models vs onnxruntime / TVM / PyTorch FP32."""
