@@ -23,11 +23,15 @@ def compile(model, target="x86", out="bundle", **kwargs):  # noqa: A001 - the co
     return compile_model(model, target=target, out=out, **kwargs)
 
 
-def load(bundle_dir):
-    """Load a bundle built for this host; returns a callable ``model(x) -> {name: array}``."""
+def load(bundle_dir, trust=None):
+    """Load a bundle built for this host; returns a callable ``model(x) -> {name: array}``.
+
+    TRUST: an Ed25519 public key file (``bdp keys new``); the bundle is refused unless its
+    manifest is signed with the matching private key (default ``$BDP_TRUST``; without either,
+    unsigned bundles load)."""
     from bdp.toolchain.bundle import load_bundle
 
-    return load_bundle(bundle_dir)
+    return load_bundle(bundle_dir, trust=trust)
 
 
 def load_model(path):

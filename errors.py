@@ -1,13 +1,18 @@
 """Errors shared by every layer of bdp.
 
 ``InputError`` is the user's input being at fault (missing or corrupt file, unsupported op,
-wrong shape): the CLI prints its message on one line and exits with code 2. Anything else that
-escapes is a fault of bdp itself (exit code 1).
+wrong shape, a missing system tool): the CLI prints its message on one line and exits with code 2.
+Anything else that escapes is a fault of bdp itself (exit code 1).
 """
 
 
 class InputError(Exception):
     """The input was at fault. The message is one line naming the file, node or value and what to do."""
+
+
+class ToolMissingError(InputError, RuntimeError):
+    """The user's machine lacks a tool or file bdp needs (a cross compiler, qemu, a download):
+    exit code 2 with how to get it. Also a RuntimeError, what such faults raised before."""
 
 
 class UnsupportedOpError(InputError):

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .binarize import BinaryGate, hard_sign
+from .distributed import randn_like_batch
 from .layers import BinaryConv2d, BiRealBlock
 from .tasks import DEFAULT_CLASSES, task_channels
 
@@ -163,7 +164,7 @@ class VIB(nn.Module):
         mu = self.mu(f)
         logvar = self.logvar(f)
         if self.training:
-            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+            z = mu + randn_like_batch(mu) * torch.exp(0.5 * logvar)  # data-parallel: the global batch's noise
         else:
             z = mu
         return z, mu, logvar

@@ -38,10 +38,34 @@ def save_checkpoint(model, path, meta=None):
     return path
 
 
+MAX_BYTES = 1 << 30  # a checkpoint file, and what its zip members unpack to
+
+
+def _check_archive(path):
+    """A checkpoint is a zip archive (torch.save's format) of at most MAX_BYTES, unpacked too: a
+    small file must not make torch allocate gigabytes (a zip bomb, a storage size that lies)."""
+    import zipfile
+
+    try:
+        size = os.path.getsize(path)
+        zf = zipfile.ZipFile(path)
+        unpacked = sum(i.file_size for i in zf.infolist())
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError):
+        raise InputError(f"{path}: not a bdp checkpoint (not a zip archive; truncated, or saved with "
+                         "_use_new_zipfile_serialization=False?)") from None
+    if max(size, unpacked) > MAX_BYTES:
+        raise InputError(f"{path}: {max(size, unpacked) / 2**30:.1f} GiB; bdp loads checkpoints up to "
+                         f"{MAX_BYTES / 2**30:.0f} GiB")
+
+
 def read_checkpoint(path) -> dict:
     """Read and validate a checkpoint dict (``weights_only=True``); InputError on anything wrong."""
-    if not os.path.isfile(path):
+    path = str(path)
+    if not os.path.exists(path):
         raise InputError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: is a folder, expected a checkpoint file (.pt)")
+    _check_archive(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, zip errors, refused globals
@@ -55,25 +79,31 @@ def read_checkpoint(path) -> dict:
     for key in ("arch", "config", "state_dict"):
         if key not in ckpt:
             raise InputError(f"{path}: checkpoint has no '{key}' entry")
+    if not isinstance(ckpt["arch"], str):
+        raise InputError(f"{path}: checkpoint's 'arch' is not a name")
+    if not isinstance(ckpt["config"], dict):
+        raise InputError(f"{path}: checkpoint's 'config' is not a mapping")
+    if not isinstance(ckpt["state_dict"], dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["state_dict"].items()):
+        raise InputError(f"{path}: checkpoint's 'state_dict' is not a mapping of names to tensors")
     return ckpt
 
 
 def load_checkpoint(path, arch: str | None = None):
     """Build the checkpoint's architecture and load its weights; the module is in eval mode."""
-    from .zoo import ARCHITECTURES, build
+    from .zoo import ARCHITECTURES, build_checked
 
     ckpt = read_checkpoint(path)
     name = ckpt["arch"]
     if arch is not None and name != arch:
         raise InputError(f"{path}: checkpoint is of architecture '{name}', expected '{arch}'")
     if name not in ARCHITECTURES:
-        raise InputError(f"{path}: unknown architecture '{name}' (known: {', '.join(sorted(ARCHITECTURES))})")
-    try:
-        model = build(name, **ckpt["config"])
-    except TypeError as e:
-        raise InputError(f"{path}: config does not fit architecture '{name}': {e}") from None
+        raise InputError(f"{path}: unknown architecture '{name[:60]}' (known: {', '.join(sorted(ARCHITECTURES))})")
+    # the config is checked and the model built on the meta device first (no memory): a config
+    # asking for 10**9 blocks or 360 GB of weights is refused before anything is allocated
+    meta = build_checked(name, ckpt["config"], where=path, device="meta")
     state = ckpt["state_dict"]
-    own = model.state_dict()
+    own = meta.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing:
@@ -84,6 +114,11 @@ def load_checkpoint(path, arch: str | None = None):
         if tuple(state[k].shape) != tuple(v.shape):
             raise InputError(f"{path}: '{k}' has shape {tuple(state[k].shape)}, architecture '{name}' "
                              f"with this config needs {tuple(v.shape)}")
+        t = state[k]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InputError(f"{path}: '{k}' holds NaN or infinite values (diverged training?); bdp does not "
+                             "compile such weights")
+    model = build_checked(name, ckpt["config"], where=path)
     model.load_state_dict(state)
     model.eval()
     return model

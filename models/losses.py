@@ -16,6 +16,10 @@ Default task weights (MTI-Net, NYUD): semseg 1, depth 1, normals 10, edges 50.
 Also: deep supervision (the same task losses on each scale's initial predictions, resized to the
 target; MTI-Net weighs every scale 1), the VIB KL term ``KL(N(mu, sigma^2) || N(0, I))`` (mean over
 elements) and feature distillation ``sum_l MSE(F_student_l, F_teacher_l)``.
+
+Every mean goes through :func:`bdp.models.distributed.batch_mean`: in one process the plain
+mean (0 over an empty selection), under data-parallel training the mean over the whole global
+batch, so that several processes train as one does (see :mod:`bdp.models.distributed`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import IGNORE_INDEX
+from .distributed import batch_mean
 
 TASK_WEIGHTS = {"semseg": 1.0, "depth": 1.0, "normals": 10.0, "edges": 50.0}
 EDGE_POS_WEIGHT = 0.95
@@ -36,39 +41,34 @@ def _fit(pred, target):
 
 
 def semseg_loss(pred, target, ignore_index=IGNORE_INDEX):
-    return F.cross_entropy(_fit(pred, target), target, ignore_index=ignore_index)
+    per_pixel = F.cross_entropy(_fit(pred, target), target, ignore_index=ignore_index, reduction="none")
+    return batch_mean(per_pixel[target != ignore_index])
 
 
 def depth_l1(pred, target):
     pred = _fit(pred, target)
-    valid = target > 0
-    if not valid.any():
-        return pred.sum() * 0
-    return (pred - target).abs()[valid].mean()
+    return batch_mean((pred - target).abs()[target > 0])
 
 
 def silog_loss(pred, target, variance_focus=0.85, scale=10.0, eps=1e-3):
     """Scale-invariant log loss (Eigen et al.; BTS form): ``scale * sqrt(mean(g^2) - vf * mean(g)^2)``."""
     pred = _fit(pred, target)
     valid = target > 0
-    if not valid.any():
-        return pred.sum() * 0
     g = torch.log(pred[valid].clamp_min(eps)) - torch.log(target[valid])
-    return scale * torch.sqrt((g * g).mean() - variance_focus * g.mean() ** 2 + 1e-8)
+    # (no valid pixel at all: both means 0, the loss the constant scale * 1e-4 without gradient)
+    return scale * torch.sqrt(batch_mean(g * g) - variance_focus * batch_mean(g) ** 2 + 1e-8)
 
 
 def normals_l1(pred, target):
     pred = F.normalize(_fit(pred, target), dim=1, eps=1e-6)
     valid = (target.norm(dim=1, keepdim=True) > 0.5).expand_as(target)
-    if not valid.any():
-        return pred.sum() * 0
-    return (pred - target).abs()[valid].mean()
+    return batch_mean((pred - target).abs()[valid])
 
 
 def balanced_bce(pred, target, pos_weight=EDGE_POS_WEIGHT):
     pred = _fit(pred, target)
     w = torch.where(target > 0.5, torch.full_like(target, pos_weight), torch.full_like(target, 1 - pos_weight))
-    return F.binary_cross_entropy_with_logits(pred, target, weight=w)
+    return batch_mean(F.binary_cross_entropy_with_logits(pred, target, weight=w, reduction="none"))
 
 
 def task_loss(task, pred, target, depth_loss="l1"):
@@ -112,7 +112,7 @@ def vib_kl(vib_stats):
     """KL(N(mu, exp(logvar)) || N(0, I)), averaged over elements, summed over the VIB layers."""
     total = 0.0
     for mu, logvar in vib_stats:
-        total = total + 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+        total = total + 0.5 * batch_mean(mu.pow(2) + logvar.exp() - 1.0 - logvar)
     return total
 
 
@@ -129,7 +129,7 @@ def feature_distillation(student_feats, teacher_feats, layers=("backbone", "mmd"
         ft = teacher_feats[name].detach()
         if ft.shape != fs.shape:
             raise ValueError(f"feature '{name}': student {tuple(fs.shape)} vs teacher {tuple(ft.shape)}")
-        total = total + F.mse_loss(fs, ft)
+        total = total + batch_mean((fs - ft) ** 2)
         n += 1
     if n == 0:
         raise ValueError(f"no features matched layers {list(layers)}")

@@ -3,8 +3,16 @@
 :func:`train` trains an architecture on the synthetic scene set (``data="synth"``) or on a data
 folder (:class:`bdp.models.data.FolderDataset`), writing a bdp checkpoint after every epoch
 (``meta``: epoch, step, optimizer state, validation metrics, history, the training settings and
-the RNG state, all plain values and tensors so ``weights_only=True`` loads it). ``resume=True``
-continues from the checkpoint at ``out``.
+the RNG state, all plain values and tensors so ``weights_only=True`` loads it; ``history`` holds
+every epoch's metrics and per-step losses). ``resume=True`` continues from the checkpoint at ``out``.
+
+Devices: ``device="auto"`` (cuda when available), ``"cuda"`` or ``"cpu"``; mixed precision
+(``amp``, on by default on CUDA) with ``torch.autocast``. Data-parallel under ``torchrun`` (or
+``bdp train --nproc N``): :mod:`bdp.models.distributed`, equal to one process for the same
+global batch.
+
+Every epoch visits a fresh permutation of the training set (seeded by ``seed`` and the epoch) in
+batches of ``batch_size``, the last partial batch dropped.
 
 Recipe (BNN practice, ReActNet/Bi-Real): Adam, learning rate ``lr`` (1e-3) with a cosine decay to
 0 over all steps, no weight decay (``weight_decay``), batch size 8. Progress-dependent
@@ -37,6 +45,7 @@ from bdp.errors import InputError
 from .binarize import set_training_progress
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .data import IGNORE_INDEX, FolderDataset, SyntheticScenes
+from .distributed import ShardSampler, global_batch, setup
 from .losses import deep_supervision_loss, feature_distillation, multitask_loss, vib_kl
 from .zoo import ARCHITECTURES, build
 
@@ -44,7 +53,7 @@ SILOG_ARCHS = ("bidense", "bnn-baseline", "reactnet-baseline")
 
 TRAIN_DEFAULTS = dict(lr=1e-3, weight_decay=0.0, weights=None, depth_loss=None, ds_weight=1.0, vib_weight=1e-3,
                       kd_weight=1.0, kd_layers=["backbone", "mmd"], n_val=64, steps_per_epoch=None,
-                      eval_batches=None, clip_grad=None)
+                      eval_batches=None, clip_grad=None, workers=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +191,7 @@ def evaluate(model, data="synth", batch_size=8, max_batches=None, num_classes=No
     ``(image, targets)``, a DataLoader, any iterable of batched ``(images, targets)``, the string
     ``"synth"`` (N synthetic scenes at SIZE with SEED; the default seed 2 is a split that
     :func:`train` with seed 0 never sees) or a data folder path (:class:`FolderDataset`, resized
-    to SIZE when given)."""
+    to SIZE when given). Images go to the module's device, predictions come back to the CPU."""
     if isinstance(data, (str, os.PathLike)):
         tasks = list(getattr(model, "tasks", ["semseg", "depth", "normals", "edges"]))
         if str(data) in ("synth", "synthetic"):
@@ -192,16 +201,21 @@ def evaluate(model, data="synth", batch_size=8, max_batches=None, num_classes=No
         else:
             raise InputError(f"{data}: data must be 'synth' or a data folder")
     if isinstance(data, Dataset):
-        data = DataLoader(data, batch_size=batch_size, shuffle=False)
+        # its own generator: a DataLoader draws a seed per iteration, from torch's global RNG
+        # otherwise (which the training's noise uses; only rank 0 evaluates)
+        data = DataLoader(data, batch_size=batch_size, shuffle=False, generator=torch.Generator())
     m = Metrics(num_classes, edge_thresholds, edge_tolerance)
     was = getattr(model, "training", None)
+    dev = None
     if isinstance(model, torch.nn.Module):
         model.eval()
+        dev = next(iter(model.parameters()), torch.empty(0)).device
     try:
         for i, (x, tg) in enumerate(data):
             if max_batches is not None and i >= max_batches:
                 break
-            m.update(model(x), tg)
+            out = model(x if dev is None else x.to(dev))
+            m.update({t: v.float().cpu() for t, v in out.items()}, tg)
     finally:
         if isinstance(model, torch.nn.Module) and was:
             model.train()
@@ -266,15 +280,24 @@ def _load_teacher(path, model):
     return teacher
 
 
-def train(arch, out, epochs=10, data="synth", teacher=None, size=(64, 80), batch_size=8, n_train=256, seed=0,
-          resume=False, width=None, progress=True, **cfg) -> str:
-    """Train ARCH and write its checkpoint to OUT after every epoch; returns OUT.
+def _count(name, value):
+    if value is None:
+        return None
+    try:
+        v = int(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} '{value}': expected a whole number") from None
+    if v < 1 or v != value:
+        raise InputError(f"{name} {value}: must be a whole number of at least 1")
+    return v
 
-    ``cfg`` holds architecture overrides (any key of the architecture's defaults, e.g.
-    ``tasks``, ``blocks``) and training settings (:data:`TRAIN_DEFAULTS`: ``lr``,
-    ``weight_decay``, ``weights``, ``depth_loss``, ``ds_weight``, ``vib_weight``, ``kd_weight``,
-    ``kd_layers``, ``n_val``, ``steps_per_epoch``, ``eval_batches``, ``clip_grad``).
-    """
+
+def prepare(arch, out, epochs=10, data="synth", teacher=None, size=(64, 80), batch_size=8, n_train=256, seed=0,
+            resume=False, width=None, world=1, **cfg) -> dict:
+    """Check the settings of :func:`train` and build what it trains: the model (restored from OUT
+    with ``resume``), the data sets, the teacher, the step counts; InputError on anything wrong.
+    WORLD is the number of data-parallel processes, among which the global batch must split
+    evenly. ``bdp train --nproc`` calls it before starting torchrun, to fail in one line."""
     if arch not in ARCHITECTURES:
         raise InputError(f"unknown architecture '{arch}'; known: {', '.join(sorted(ARCHITECTURES))}")
     arch_keys = set(ARCHITECTURES[arch].defaults)
@@ -282,6 +305,8 @@ def train(arch, out, epochs=10, data="synth", teacher=None, size=(64, 80), batch
     if unknown:
         raise InputError(f"unknown option(s) {', '.join(unknown)} for '{arch}' (architecture options: "
                          f"{', '.join(sorted(arch_keys))}; training options: {', '.join(sorted(TRAIN_DEFAULTS))})")
+    epochs, batch_size = _count("--epochs", epochs), _count("--batch-size", batch_size)
+    n_train, world = _count("--n-train", n_train), _count("--nproc", world)
     tcfg = {k: cfg.get(k, v) for k, v in TRAIN_DEFAULTS.items()}
     overrides = {k: v for k, v in cfg.items() if k in arch_keys}
     if width is not None:
@@ -291,102 +316,177 @@ def train(arch, out, epochs=10, data="synth", teacher=None, size=(64, 80), batch
     size = (int(size[0]), int(size[1]))
 
     torch.manual_seed(seed)
-    start_epoch, step, history = 0, 0, []
-    opt_state = None
+    st = dict(start_epoch=0, step=0, history=[], optimizer=None, scaler=None, cuda_rng=None)
     if resume and os.path.exists(out):
         ck = read_checkpoint(out)
         if ck["arch"] != arch:
             raise InputError(f"{out}: cannot resume: checkpoint is of architecture '{ck['arch']}', not '{arch}'")
         model = load_checkpoint(out)
         meta = ck.get("meta", {})
-        start_epoch = int(meta.get("epoch", -1)) + 1
-        step = int(meta.get("step", 0))
-        history = list(meta.get("history", []))
-        opt_state = meta.get("optimizer")
+        st.update(start_epoch=int(meta.get("epoch", -1)) + 1, step=int(meta.get("step", 0)),
+                  history=list(meta.get("history", [])), optimizer=meta.get("optimizer"),
+                  scaler=meta.get("grad_scaler"), cuda_rng=meta.get("cuda_rng"))
         if "rng" in meta:
             torch.set_rng_state(meta["rng"])
     else:
         model = build(arch, **overrides)
+    rng = torch.get_rng_state()
     tasks = list(model.tasks)
     train_set, val_set = make_datasets(data, size, n_train, tcfg["n_val"], seed, tasks)
     if len(train_set) == 0:
         raise InputError("the training set is empty")
-    bs = min(int(batch_size), len(train_set))
+    bs = min(batch_size, len(train_set))
+    if bs % world:
+        raise InputError(f"--batch-size {bs}{' (the training set size)' if bs < batch_size else ''} does not split "
+                         f"evenly among {world} processes; use a multiple of {world}")
     steps_per_epoch = len(train_set) // bs
     if tcfg["steps_per_epoch"]:
         steps_per_epoch = min(steps_per_epoch, int(tcfg["steps_per_epoch"]))
-    total = max(1, steps_per_epoch * int(epochs))
-
     teacher_model = _load_teacher(teacher, model) if teacher else None
+    return dict(model=model, teacher=teacher_model, tcfg=tcfg, train_set=train_set, val_set=val_set, bs=bs,
+                steps_per_epoch=steps_per_epoch, total=max(1, steps_per_epoch * epochs), epochs=epochs, seed=seed,
+                rng=rng,
+                settings=_plain({**tcfg, "data": str(data), "size": list(size), "batch_size": bs, "n_train": n_train,
+                                 "seed": seed, "teacher": teacher}), **st)
+
+
+def train(arch, out, epochs=10, data="synth", teacher=None, size=(64, 80), batch_size=8, n_train=256, seed=0,
+          resume=False, width=None, progress=True, device="auto", amp=None, **cfg) -> str:
+    """Train ARCH and write its checkpoint to OUT after every epoch; returns OUT.
+
+    ``cfg`` holds architecture overrides (any key of the architecture's defaults, e.g.
+    ``tasks``, ``blocks``) and training settings (:data:`TRAIN_DEFAULTS`: ``lr``,
+    ``weight_decay``, ``weights``, ``depth_loss``, ``ds_weight``, ``vib_weight``, ``kd_weight``,
+    ``kd_layers``, ``n_val``, ``steps_per_epoch``, ``eval_batches``, ``clip_grad``, ``workers``:
+    DataLoader worker processes).
+
+    ``device``: ``auto`` (cuda when available), ``cuda`` or ``cpu``. ``amp``: mixed precision
+    (``torch.autocast``: bf16 where the GPU has it, else fp16 with a GradScaler; bf16 on CPU);
+    None = on for cuda, off for cpu. Under torchrun (``WORLD_SIZE`` > 1) each process trains
+    its share of every global batch of ``batch_size`` (see :mod:`bdp.models.distributed`: the
+    result equals one process's), rank 0 alone evaluates, writes OUT and shows progress.
+    """
+    rt = setup(device)
+    try:
+        plan = prepare(arch, out, epochs, data, teacher, size, batch_size, n_train, seed, resume, width,
+                       world=rt.world, **cfg)
+        _fit(plan, rt, out, arch, amp, progress and rt.is_main)
+    finally:
+        rt.close()
+    return out
+
+
+def _amp(device, amp):
+    """(autocast dtype or None, GradScaler, enabled only for fp16)."""
+    if amp is None:
+        amp = device.type == "cuda"
+    dtype = None
+    if amp:
+        dtype = torch.bfloat16
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            dtype = torch.float16
+    return dtype, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def batch_loss(net, x, tg, tcfg, teacher=None, is_mti=None):
+    """The training loss of one (micro-)batch: tasks, deep supervision, VIB KL, distillation
+    (TCFG: the settings of :data:`TRAIN_DEFAULTS`, ``depth_loss`` resolved). NET may be the
+    model or its DistributedDataParallel wrapper (then IS_MTI says whether it is an MTI-Net)."""
+    if is_mti is None:
+        is_mti = hasattr(net, "widths")
+    if is_mti:
+        outputs, aux = net(x, return_aux=True)
+    else:
+        outputs, aux = net(x), None
+    loss, _ = multitask_loss(outputs, tg, tcfg["weights"], tcfg["depth_loss"])
+    if aux is not None:
+        if tcfg["ds_weight"]:
+            loss = loss + tcfg["ds_weight"] * deep_supervision_loss(aux["deep_supervision"], tg, tcfg["weights"],
+                                                                    depth_loss=tcfg["depth_loss"])
+        if aux["vib"] and tcfg["vib_weight"]:
+            loss = loss + tcfg["vib_weight"] * vib_kl(aux["vib"])
+        if teacher is not None and tcfg["kd_weight"]:
+            with torch.no_grad():
+                _, taux = teacher(x, return_aux=True)
+            loss = loss + tcfg["kd_weight"] * feature_distillation(aux["features"], taux["features"],
+                                                                   tcfg["kd_layers"])
+    return loss
+
+
+def _fit(p, rt, out, arch, amp, progress):
+    model, tcfg, dev = p["model"], p["tcfg"], rt.device
+    epochs, total, bs, step, history = p["epochs"], p["total"], p["bs"], p["step"], p["history"]
+    model.to(dev)
+    teacher = p["teacher"].to(dev) if p["teacher"] is not None else None
+    net = rt.wrap(model)
     opt = torch.optim.Adam(model.parameters(), lr=tcfg["lr"], weight_decay=tcfg["weight_decay"])
-    if opt_state is not None:
-        opt.load_state_dict(opt_state)
+    if p["optimizer"] is not None:
+        opt.load_state_dict(p["optimizer"])
+    amp_dtype, scaler = _amp(dev, amp)
+    if p["scaler"] and scaler.is_enabled():
+        scaler.load_state_dict(p["scaler"])
+    torch.set_rng_state(p["rng"])  # here: whatever building and wrapping drew, training draws alike
+    if dev.type == "cuda" and p["cuda_rng"] is not None:
+        torch.cuda.set_rng_state(p["cuda_rng"], dev)
     is_mti = hasattr(model, "widths")
+    settings = {**p["settings"], "device": dev.type, "world_size": rt.world,
+                "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else None}
 
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=min(step, total), desc=f"train {arch}", unit="step", dynamic_ncols=True)
-    metrics = {}
     try:
-        for epoch in range(start_epoch, int(epochs)):
+        for epoch in range(p["start_epoch"], epochs):
             model.train()
-            g = torch.Generator().manual_seed(seed * 1000003 + epoch)
-            loader = DataLoader(train_set, batch_size=bs, shuffle=True, drop_last=True, generator=g)
+            sampler = ShardSampler(len(p["train_set"]), bs, p["steps_per_epoch"], p["seed"] * 1000003 + epoch,
+                                   rt.rank, rt.world)
+            loader = DataLoader(p["train_set"], batch_sampler=sampler, generator=torch.Generator(),
+                                num_workers=int(tcfg["workers"]), pin_memory=dev.type == "cuda")
             t0 = time.time()
-            run_loss, n = 0.0, 0
-            for i, (x, tg) in enumerate(loader):
-                if i >= steps_per_epoch:
-                    break
+            losses = []
+            for x, tg in loader:
                 set_training_progress(model, step / total)
                 lr = tcfg["lr"] * 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))
                 for pg in opt.param_groups:
                     pg["lr"] = lr
-                if is_mti:
-                    outputs, aux = model(x, return_aux=True)
-                else:
-                    outputs, aux = model(x), None
-                loss, parts = multitask_loss(outputs, tg, tcfg["weights"], tcfg["depth_loss"])
-                if aux is not None:
-                    if tcfg["ds_weight"]:
-                        loss = loss + tcfg["ds_weight"] * deep_supervision_loss(
-                            aux["deep_supervision"], tg, tcfg["weights"], depth_loss=tcfg["depth_loss"])
-                    if aux["vib"] and tcfg["vib_weight"]:
-                        loss = loss + tcfg["vib_weight"] * vib_kl(aux["vib"])
-                    if teacher_model is not None and tcfg["kd_weight"]:
-                        with torch.no_grad():
-                            _, taux = teacher_model(x, return_aux=True)
-                        loss = loss + tcfg["kd_weight"] * feature_distillation(aux["features"], taux["features"],
-                                                                               tcfg["kd_layers"])
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"loss became {float(loss)} at step {step} (epoch {epoch})")
+                x = x.to(dev, non_blocking=True)
+                tg = {k: v.to(dev, non_blocking=True) for k, v in tg.items()}
+                with global_batch(rt), torch.autocast(dev.type, dtype=amp_dtype or torch.bfloat16,
+                                                      enabled=amp_dtype is not None):
+                    loss = batch_loss(net, x, tg, tcfg, teacher, is_mti)
+                value = rt.mean_scalar(loss)  # the global batch's loss on every rank already; the same on all
+                if not math.isfinite(value):
+                    raise RuntimeError(f"loss became {value} at step {step} (epoch {epoch})")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
                 if tcfg["clip_grad"]:
+                    scaler.unscale_(opt)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), float(tcfg["clip_grad"]))
-                opt.step()
+                scaler.step(opt)
+                scaler.update()
                 step += 1
-                run_loss += float(loss.detach())
-                n += 1
+                losses.append(value)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(epoch=epoch, loss=f"{run_loss / n:.3f}")
+                    bar.set_postfix(epoch=epoch, loss=f"{sum(losses) / len(losses):.3f}")
             set_training_progress(model, min(step / total, 1.0))
-            metrics = evaluate(model, val_set, batch_size=bs, max_batches=tcfg["eval_batches"])
-            metrics["train_loss"] = run_loss / max(n, 1)
-            metrics["epoch_seconds"] = time.time() - t0
-            history.append({"epoch": epoch, **metrics})
-            meta = {"epoch": epoch, "epochs": int(epochs), "step": step, "optimizer": opt.state_dict(),
-                    "metrics": metrics, "history": history, "rng": torch.get_rng_state(),
-                    "train": _plain({**tcfg, "data": str(data), "size": list(size), "batch_size": bs,
-                                     "n_train": n_train, "seed": seed, "teacher": teacher})}
-            save_checkpoint(model, out, meta=meta)
-            if bar is not None:
-                bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            if rt.is_main:
+                metrics = evaluate(model, p["val_set"], batch_size=bs, max_batches=tcfg["eval_batches"])
+                metrics["train_loss"] = sum(losses) / max(len(losses), 1)
+                metrics["epoch_seconds"] = time.time() - t0
+                history.append({"epoch": epoch, **metrics, "step_losses": losses})
+                meta = {"epoch": epoch, "epochs": epochs, "step": step, "optimizer": opt.state_dict(),
+                        "metrics": metrics, "history": history, "rng": torch.get_rng_state(), "train": settings}
+                if scaler.is_enabled():
+                    meta["grad_scaler"] = scaler.state_dict()
+                if dev.type == "cuda":
+                    meta["cuda_rng"] = torch.cuda.get_rng_state(dev)
+                save_checkpoint(model, out, meta=meta)
+                if bar is not None:
+                    bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            rt.barrier()
     finally:
         if bar is not None:
             bar.close()
-    if start_epoch >= int(epochs) and not os.path.exists(out):
-        save_checkpoint(model, out, meta={"epoch": -1, "step": 0})
-    return out

@@ -34,7 +34,7 @@ from .arch_bidense import BinaryUperNet
 from .arch_bqdense import BQDense
 from .arch_mtinet import MTINet
 from .layers import BinaryConv2d, BiRealBlock
-from .tasks import DEFAULT_CLASSES, task_channels
+from .tasks import DEFAULT_CLASSES, TASKS, task_channels
 
 
 @dataclass
@@ -67,6 +67,142 @@ def build(name: str, **overrides) -> nn.Module:
     if name not in ARCHITECTURES:
         raise KeyError(f"unknown architecture '{name}'; known: {', '.join(sorted(ARCHITECTURES))}")
     return ARCHITECTURES[name].make(**overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs from files: checked before anything is built (a checkpoint is untrusted input)
+
+# integer settings a config may give, (min, max); a list of integers takes each element's range
+INT_RANGES = {"width": (1, 512), "blocks": (1, 16), "num_classes": (1, 1000), "features": (1, 1024),
+              "kernel_size": (1, 15), "depths": (1, 16)}
+MAX_LIST = 16
+MAX_PARAM_BYTES = 1 << 30  # float32 parameters of one model
+
+
+def validate_config(name: str, cfg, where="config") -> dict:
+    """CFG checked against architecture NAME's settings: known keys only, each of its default's
+    type (int, float, bool, str, list), integers in :data:`INT_RANGES`, finite floats, short
+    strings and lists. InputError naming WHERE and the key on any fault."""
+    from bdp.errors import InputError
+
+    if name not in ARCHITECTURES:
+        raise InputError(f"{where}: unknown architecture '{name}' (known: {', '.join(sorted(ARCHITECTURES))})")
+    if not isinstance(cfg, dict):
+        raise InputError(f"{where}: config is not a mapping")
+    defaults = ARCHITECTURES[name].defaults
+    out = {}
+    for key, v in cfg.items():
+        if key not in defaults:
+            raise InputError(f"{where}: config does not fit architecture '{name}': '{str(key)[:40]}' is not one "
+                             f"of its settings ({', '.join(sorted(defaults))})")
+        out[key] = _check_value(where, key, v, defaults[key])
+    return out
+
+
+def _show(v):
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _check_value(where, key, v, default):
+    import math
+
+    from bdp.errors import InputError
+
+    def bad(what):
+        raise InputError(f"{where}: setting '{key}' must be {what}, got {_show(v)}")
+
+    if isinstance(default, bool):
+        if not isinstance(v, bool):
+            bad("true or false")
+        return v
+    if isinstance(default, int):
+        lo, hi = INT_RANGES.get(key, (0, 4096))
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            bad(f"an integer from {lo} to {hi}")
+        return v
+    if isinstance(default, float):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or abs(v) > 1e6:
+            bad("a finite number")
+        if key == "pad_value" and v not in (-1, 0, 1):
+            bad("0, 1 or -1")
+        if key == "max_depth" and v <= 0:
+            bad("a positive number")
+        return float(v)
+    if isinstance(default, str):
+        if not isinstance(v, str) or not 0 < len(v) <= 32 or not v.replace("-", "_").isidentifier():
+            bad("a short name")
+        return v
+    if isinstance(default, list):
+        if not isinstance(v, (list, tuple)) or len(v) > MAX_LIST:
+            bad(f"a list of at most {MAX_LIST} items")
+        kind = type(default[0]) if default else str
+        items = [_check_value(where, key, x, default[0] if default else "") for x in v] if kind is not str else v
+        if kind is str:
+            for x in v:
+                if not isinstance(x, str) or not 0 < len(x) <= 32 or not x.replace("-", "_").isidentifier():
+                    bad("a list of short names")
+            if key == "tasks":
+                unknown = [t for t in v if t not in TASKS]
+                if unknown or not v or len(set(v)) != len(v):
+                    bad(f"a list of distinct tasks from {', '.join(TASKS)}")
+        return list(items)
+    bad(f"like its default {_show(default)}")
+
+
+def build_checked(name: str, overrides, where="config", device=None) -> nn.Module:
+    """``build`` for a config from a file or the command line: :func:`validate_config`, then the
+    model built on torch's meta device (no memory) to count its parameters, refused above
+    :data:`MAX_PARAM_BYTES`; then (unless DEVICE is 'meta') built for real. The architecture's
+    own checks (ValueError, ...) become InputError too."""
+    from bdp.errors import InputError
+
+    cfg = validate_config(name, overrides, where)
+    try:
+        with torch.device("meta"):
+            meta = build(name, **cfg)
+    except (ValueError, TypeError, KeyError, AssertionError, IndexError, RuntimeError) as e:
+        raise InputError(f"{where}: config does not fit architecture '{name}' "
+                         f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})") from None
+    nbytes = sum(p.numel() * p.element_size() for p in meta.parameters())
+    nbytes += sum(b.numel() * b.element_size() for b in meta.buffers())
+    if nbytes > MAX_PARAM_BYTES:
+        raise InputError(f"{where}: this config of '{name}' has {nbytes / 2**30:.1f} GiB of weights; bdp builds "
+                         f"models up to {MAX_PARAM_BYTES / 2**30:.0f} GiB")
+    if device == "meta":
+        return meta
+    return build(name, **cfg)
+
+
+def forward_bytes(model: nn.Module, input_shape, probe=64) -> int:
+    """About how many bytes the tensors of one forward pass at INPUT_SHAPE take: every tensor
+    any operator makes, summed (an upper bound of the activation memory a forward, an export or
+    a compile needs). Counted at the operator level on a real forward at 1 x C x PROBE x PROBE
+    and scaled by the number of pixels (the networks are fully convolutional): milliseconds."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    n, c, h, w = (list(input_shape) + [1, 1, 1, 1])[:4]
+    total = [0]
+
+    class _Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    total[0] += t.numel() * t.element_size()
+            return out
+
+    was = model.training
+    model.eval()
+    x = torch.zeros(1, c, probe, probe)
+    try:
+        with torch.no_grad(), _Count():
+            model(x)
+    finally:
+        model.train(was)
+    scale = (n * h * w) / float(probe * probe)
+    return int(total[0] * scale) + n * c * h * w * 4
 
 
 def count_macs(model: nn.Module, input_shape=(1, 3, 256, 320)) -> dict:

@@ -3,15 +3,15 @@
 ``bdp passes`` lists them; ``run_pipeline(model, "default")`` runs the default pipeline.
 """
 
-from . import binary_conv, canonicalize, forms, layout, links, rewrites, sink  # noqa: F401  (register the passes)
+from . import binary_conv, canonicalize, conv1d, forms, layout, links, rewrites, shapes, sink  # noqa: F401  (register the passes)
 from .core import PASSES, PIPELINES, Pass, Report, register_pass, register_pipeline, run_pipeline
 from .ops import DOMAIN, attach_functions, register_schemas
 
-register_pipeline("canonicalize", ["name-nodes", "qonnx-to-standard", "fold-constants", "cancel-transposes",
+register_pipeline("canonicalize", ["name-nodes", "qonnx-to-standard", "fold-shapes", "fold-constants", "cancel-transposes",
                                    "fold-batchnorm"])
-register_pipeline("default", ["name-nodes", "qonnx-to-standard", "fold-constants", "cancel-transposes", "fold-batchnorm",
+register_pipeline("default", ["name-nodes", "qonnx-to-standard", "fold-shapes", "fold-constants", "cancel-transposes", "fold-batchnorm",
                               "sink-binarizers", "factor-sample-scale", "binary-convtranspose", "binary-matmul",
-                              "fuse-binary-conv",
+                              "binary-conv1d", "cancel-transposes", "fuse-binary-conv",
                               "fold-binary-glue", "fold-sign-output", "report-float"])
 
 __all__ = ["PASSES", "PIPELINES", "Pass", "Report", "register_pass", "register_pipeline", "run_pipeline",

@@ -74,6 +74,118 @@ def sign_scale(w: np.ndarray, rtol=1e-6):
     return wsign, alpha.astype(np.float32)
 
 
+_DEQUANT = ("Mul", "Div", "Add", "Sub")
+
+
+def quantized_levels(t, depth=6):
+    """(bits, lo, hi) when tensor T is fake-quantized: an integer grid ``Round``/``Floor``/``Ceil``
+    of a value clamped to ``[lo, hi]`` by constants (``Min``/``Max`` or ``Clip``), then only
+    ``Mul``/``Div``/``Add``/``Sub`` by constants (QONNX ``Quant`` after qonnx-to-standard, a
+    Brevitas 8-bit input quantizer); ``DequantizeLinear`` gives its integer type's width. Else None."""
+    for _ in range(depth):  # the dequantizing affine map
+        if not isinstance(t, gs.Variable) or len(t.inputs) != 1:
+            return None
+        n = t.inputs[0]
+        if n.op == "DequantizeLinear" and n.inputs:
+            src = n.inputs[0]
+            dt = getattr(src, "dtype", None)
+            bits = int(np.dtype(dt).itemsize * 8) if dt is not None and np.dtype(dt).kind in "iu" else 8
+            return bits, None, None
+        if n.op not in _DEQUANT or len(n.inputs) != 2:
+            break
+        var = [i for i in n.inputs if const_value(i) is None]
+        if len(var) != 1:
+            break
+        t = var[0]
+    if not isinstance(t, gs.Variable) or len(t.inputs) != 1:
+        return None
+    n = t.inputs[0]
+    if n.op == "Mul" and len(n.inputs) == 2:  # QONNX's UP/DOWN/HALF_* modes: Sign(y) * Ceil|Floor(...)
+        rounded = [i for i in n.inputs if len(i.inputs) == 1 and i.inputs[0].op in ("Ceil", "Floor")]
+        n = rounded[0].inputs[0] if rounded else n
+    if n.op not in ("Round", "Floor", "Ceil"):
+        return None
+    lo = hi = None
+    t = n.inputs[0]
+    for _ in range(4):  # the clamp, Min/Max in either order, or Clip; possibly behind Abs/Add
+        if not isinstance(t, gs.Variable) or len(t.inputs) != 1:
+            break
+        c = t.inputs[0]
+        if c.op == "Clip" and len(c.inputs) >= 3:
+            lo_c, hi_c = const_value(c.inputs[1]), const_value(c.inputs[2])
+            if lo_c is not None and hi_c is not None:
+                lo, hi = float(np.min(lo_c)), float(np.max(hi_c))
+            break
+        if c.op in ("Min", "Max") and len(c.inputs) == 2:
+            var = [i for i in c.inputs if const_value(i) is None]
+            if len(var) != 1:
+                break
+            v = const_value(c.inputs[1] if c.inputs[0] is var[0] else c.inputs[0])
+            if c.op == "Min":
+                hi = float(np.max(v))
+            else:
+                lo = float(np.min(v))
+            t = var[0]
+            continue
+        if c.op in ("Abs", "Add", "Sub"):
+            t = c.inputs[0]
+            continue
+        break
+    if lo is None or hi is None or hi <= lo:
+        return None
+    levels = int(round(hi - lo)) + 1
+    return max(1, int(np.ceil(np.log2(levels)))), lo, hi
+
+
+_MOVES = ("Transpose", "Reshape", "Flatten", "Pad", "Identity", "Cast", "Squeeze", "Unsqueeze")
+
+
+def _origin(t, depth=8):
+    """Where float tensor T comes from, for a reason: 'the graph input NAME' when only data
+    movement lies between, else 'from OP NAME' (the nearest computing node)."""
+    for _ in range(depth):
+        if isinstance(t, gs.Constant):
+            return "a constant"
+        if len(t.inputs) != 1:
+            return f"the graph input '{t.name}'"
+        n = t.inputs[0]
+        if n.op not in _MOVES or not n.inputs:
+            return f"from {n.op} {n.name}"
+        t = n.inputs[0]
+    return f"from {t.name}"
+
+
+def float_input_reason(node: gs.Node, x=None):
+    """Why conv/linear NODE, whose data input X (default: its input 0) is not binarized, runs in
+    float, as specifically as the graph tells: a binarized tensor times a non-scalar scale, a
+    k-bit quantized input, 1-bit weights behind a float input, or a plain float layer."""
+    x = node.inputs[0] if x is None else x
+    w = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    wbin = False
+    if w is not None and w.ndim >= 2 and w.size:
+        if node.op == "ConvTranspose":
+            w = np.swapaxes(w, 0, 1)  # [C, M/g, ...]: output channels second
+        elif node.op == "MatMul" or (node.op == "Gemm" and not int(node.attrs.get("transB", 0))):
+            w = np.swapaxes(w, -1, -2).reshape(-1, w.shape[-2])  # [.., K, M] -> one row per output
+        wbin = sign_scale(np.asarray(w, np.float32)) is not None
+    prod = x.inputs[0] if isinstance(x, gs.Variable) and len(x.inputs) == 1 else None
+    if prod is not None and prod.op == "Mul" and len(prod.inputs) == 2:
+        for a, b in ((0, 1), (1, 0)):
+            if binarizers.match(prod.inputs[a]) is not None and binarizers.match(prod.inputs[b]) is None:
+                return ("input is a binarized tensor times a non-scalar scale (a per-channel or per-element "
+                        "activation scale does not factor out of the binary dot product); runs in float")
+    q = quantized_levels(x)
+    if q is not None:
+        bits, lo, hi = q
+        grid = f" ({int(hi - lo) + 1} levels)" if lo is not None else ""
+        return (f"input is quantized to {bits} bits{grid}, not 1 bit"
+                + (" (its weights are 1-bit)" if wbin else "") + ": a multi-bit layer, runs in float")
+    if wbin:
+        return (f"1-bit weights, but the input is a float tensor ({_origin(x)}), not a binarizer's output: "
+                "runs in float")
+    return "input is not binarized (float layer)"
+
+
 def fuse_binary_convs(model, report, pass_name="fuse-binary-conv"):
     graph = to_gs(model)
     count = 0
@@ -99,9 +211,7 @@ def _try_fuse(graph, conv, report, pass_name):
         x = pad_node.inputs[0]
     bz = binarizers.match(x) if isinstance(x, gs.Variable) else None
     if bz is None:
-        if pad_node is None and len(x.inputs) == 1 and x.inputs[0].op == "Mul":
-            return "input is a binarized tensor times a non-scalar scale (per-channel activation scale does not factor out of the binary dot product)"
-        return "" if pad_node is None else "input is not binarized"
+        return "" if pad_node is None else float_input_reason(conv, x)
     src, thr, act_scale, kind = bz.src, bz.threshold, bz.scale, bz.kind
     pad_value = pad_value / act_scale
     if pad_value not in (0.0, 1.0, -1.0):
@@ -184,5 +294,5 @@ def report_float(model, report):
         if binarized and n.op != "Conv":
             report.leave(n.name, n.op, f"binarized {n.op}: bdp has no packed-bit kernel for it yet (runs in float)")
         else:
-            report.leave(n.name, n.op, "input is not binarized (float layer)")
+            report.leave(n.name, n.op, float_input_reason(n))
     return model

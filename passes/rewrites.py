@@ -98,11 +98,16 @@ def _node(graph, op, inputs, name, **attrs):
 @register_pass("binary-matmul", "binarized MatMul / Gemm with +/-alpha weight columns -> 1x1 Conv (then packed by "
                                 "fuse-binary-conv), data movement in front of the binarizer")
 def binary_matmul(model, report):
-    """``MatMul(sgn(x), W)`` for x of rank 2 ([N, K]) or 3 ([B, T, K]) and a constant W [K, M] whose
-    every column is ``+/-alpha_m`` (a binary linear layer or attention projection), and
-    ``Gemm(sgn(x), W, C)`` likewise, become a 1x1 conv over ``[N, K, 1, 1]`` (or ``[B, K, T, 1]``)
-    whose binarizer is applied after the Transpose/Unsqueeze (a sign commutes with moving data);
-    ``fuse-binary-conv`` then packs it. Exact: the same K products are summed per output."""
+    """``MatMul(sgn(x), W)`` for x of any rank >= 2 and a constant W [K, M] whose every column is
+    ``+/-alpha_m`` (a binary linear layer, an attention projection, a linear layer over the
+    channels of an NHWC tensor), and ``Gemm(sgn(x), W, C)`` likewise, become a 1x1 conv: rank 2
+    ``[N, K]`` over ``[N, K, 1, 1]``; rank 3 ``[B, T, K]`` over ``[B, K, T, 1]``; rank 4
+    ``[N, H, W, K]`` (an NHWC tensor) over ``Transpose -> [N, K, H, W]`` and back (the default
+    pipeline's second ``cancel-transposes`` then drops the pair around an NCHW producer and
+    consumer); rank r > 4 has its dims 2..r-2 flattened (``Reshape [d0, d1, -1, K]``) into the
+    rank-4 path and is reshaped back to ``[d0, ..., M]``. The binarizer is applied after the data
+    movement (a sign commutes with moving data); ``fuse-binary-conv`` then packs the conv.
+    Exact: the same K products are summed per output."""
     import onnx
 
     from .binary_conv import sign_scale
@@ -147,8 +152,10 @@ def binary_matmul(model, report):
         shape = getattr(a_in, "shape", None)
         if shape is not None:
             rank = len(shape)
-        if why is None and rank not in (2, 3):
-            why = f"input of rank {rank} (2 or 3 supported)"
+        if why is None and rank is None:
+            why = "input rank unknown (shape inference failed; compile with --input-shape)"
+        elif why is None and rank < 2:
+            why = f"input of rank {rank} (a vector-matrix product; rank >= 2 runs packed)"
         if mm.op == "Gemm" and why is None and rank != 2:
             why = "Gemm input is not 2-D"
         if why:
@@ -159,9 +166,15 @@ def binary_matmul(model, report):
         k, mdim = wt.shape[1], wt.shape[0]
         if rank == 2:
             x4 = _node(graph, "Unsqueeze", [src, gs.Constant(name + "_ax23", np.array([2, 3], np.int64))], name + "_x4")
-        else:
+        elif rank == 3:
             xt = _node(graph, "Transpose", [src], name + "_xt", perm=[0, 2, 1])
             x4 = _node(graph, "Unsqueeze", [xt, gs.Constant(name + "_ax3", np.array([3], np.int64))], name + "_x4")
+        else:
+            x_4 = src
+            if rank > 4:  # [d0, d1, d2, ..., K] -> [d0, d1, d2 * ..., K] (Reshape's 0 copies a dim)
+                x_4 = _node(graph, "Reshape", [src, gs.Constant(name + "_flat", np.array([0, 0, -1, k], np.int64))],
+                            name + "_xr")
+            x4 = _node(graph, "Transpose", [x_4], name + "_x4", perm=[0, 3, 1, 2])
         xb = binarizers.emit(graph, x4, m, name + "_xb")
         ins = [xb, gs.Constant(name + "_w1x1", wt.reshape(mdim, k, 1, 1).astype(np.float32))]
         if bias is not None:
@@ -171,16 +184,42 @@ def binary_matmul(model, report):
         if rank == 2:
             graph.nodes.append(gs.Node("Squeeze", name=name + "_sq", inputs=[y4, gs.Constant(name + "_sqax", np.array([2, 3], np.int64))],
                                        outputs=[out]))
-        else:
+        elif rank == 3:
             y3 = _node(graph, "Squeeze", [y4, gs.Constant(name + "_sqax", np.array([3], np.int64))], name + "_y3")
             graph.nodes.append(gs.Node("Transpose", name=name + "_yt", attrs={"perm": [0, 2, 1]}, inputs=[y3],
                                        outputs=[out]))
+        elif rank == 4:
+            graph.nodes.append(gs.Node("Transpose", name=name + "_yt", attrs={"perm": [0, 2, 3, 1]}, inputs=[y4],
+                                       outputs=[out]))
+        else:
+            yt = _node(graph, "Transpose", [y4], name + "_yt", perm=[0, 2, 3, 1])
+            graph.nodes.append(gs.Node("Reshape", name=name + "_unflat", outputs=[out],
+                                       inputs=[yt, _lead_shape(graph, src, shape, mdim, name)]))
         mm.inputs, mm.outputs = [], []
         report.fuse("binary-matmul", name, f"binarized {mm.op} ({k}->{mdim}) -> 1x1 Conv")
         changed = True
     if changed:
         graph.cleanup()
     return from_gs(graph, model)
+
+
+def _lead_shape(graph, src, shape, mdim, name):
+    """The shape ``[d0, ..., d_{r-2}, MDIM]`` of a MatMul's output from its input SRC of SHAPE
+    [d0, ..., K]: a constant when the leading dims are known, else computed with
+    ``Shape(src)[:-1] ++ [MDIM]``."""
+    lead = list(shape[:-1])
+    if all(isinstance(d, int) and d >= 0 for d in lead):
+        return gs.Constant(name + "_outshape", np.array(lead + [mdim], np.int64))
+    s = gs.Variable(name + "_inshape", dtype=np.int64)
+    graph.nodes.append(gs.Node("Shape", name=name + "_shape", inputs=[src], outputs=[s]))
+    head = gs.Variable(name + "_lead", dtype=np.int64)
+    graph.nodes.append(gs.Node("Slice", name=name + "_lead", outputs=[head],
+                               inputs=[s, gs.Constant(name + "_s0", np.array([0], np.int64)),
+                                       gs.Constant(name + "_s1", np.array([-1], np.int64))]))
+    full = gs.Variable(name + "_outshape", dtype=np.int64)
+    graph.nodes.append(gs.Node("Concat", name=name + "_outshape", attrs={"axis": 0}, outputs=[full],
+                               inputs=[head, gs.Constant(name + "_m", np.array([mdim], np.int64))]))
+    return full
 
 
 def _per_sample(t: gs.Tensor) -> bool:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from bdp.errors import InputError
 
 
-def _cpu_flags() -> set:
+def cpu_flags() -> set:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -128,7 +128,7 @@ class TargetSpec:
         """Can this host load and run the library directly?"""
         if self.kind != "cpu" or self.arch != host_arch():
             return False
-        return self.needs_flags <= _cpu_flags() if self.arch == "x86_64" else True
+        return self.needs_flags <= cpu_flags() if self.arch == "x86_64" else True
 
     @property
     def cross_cc(self) -> str | None:
@@ -144,7 +144,7 @@ class TargetSpec:
             return "a CUDA bundle needs an NVIDIA GPU and TVM's CUDA runtime"
         if self.arch != host_arch():
             return f"built for {self.arch} ({self.name}), this host is {host_arch()}"
-        missing = sorted(self.needs_flags - _cpu_flags())
+        missing = sorted(self.needs_flags - cpu_flags())
         return f"built for {self.name}, this CPU lacks {', '.join(missing)}" if missing else ""
 
 
@@ -178,7 +178,7 @@ CUDA = TargetSpec("cuda", "NVIDIA GPU (sm_80+), CUDA source built by TVM", "gpu"
 
 def _host_x86() -> TargetSpec:
     """``x86``: this host's best x86-64 ISA (AVX-512 VPOPCNTDQ, AVX2 or plain x86-64)."""
-    flags = _cpu_flags() if host_arch() == "x86_64" else set()
+    flags = cpu_flags() if host_arch() == "x86_64" else set()
     best = next((t for t in (X86_AVX512, _X86_AVX512_ONLY, X86_AVX2) if t.needs_flags <= flags), X86_GENERIC)
     return TargetSpec("x86", f"this host's best x86-64 ISA ({best.tvm_target['mcpu']})", "cpu", "x86_64",
                       best.tvm_target, best.vector_bits, best.vector_registers, best.binary_acc_registers,
@@ -201,6 +201,8 @@ def spec_of_manifest(target: dict) -> TargetSpec | None:
     """The registry entry a bundle's manifest ``target`` record names (None: unknown here). A
     bundle built for ``x86`` is taken for the ISA it was built with (its TVM ``mcpu``), not this
     host's."""
+    if hasattr(target, "to_dict"):  # a toolchain.manifest.Target
+        target = target.to_dict()
     if not isinstance(target, dict):
         return None
     if target.get("name") == "x86":

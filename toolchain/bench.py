@@ -12,28 +12,33 @@ the normal way: a float ONNX graph ``Where(x >= 0, 1, -1) -> Conv(alpha * sign(W
 through bdp's passes (it becomes one ``bdp.BinaryConv``), the Relax import and ``build``; the
 Relax VM runs it. The baselines run the same conv in float32 (``Conv(W) + b`` on the float input):
 onnxruntime, TVM with the Relax default CPU pipeline (unscheduled loops), TVM with bdp's float
-schedules (:mod:`bdp.targets.schedules`) and PyTorch. Reported: milliseconds (median and min),
+schedules (:mod:`bdp.targets.schedules`) and PyTorch; and onnxruntime INT8, the float conv
+statically quantized (:func:`ort_int8_session`: QDQ, per-channel weights, calibrated on random
+normal inputs). Reported: milliseconds (median and min),
 binary MAC/s, speed-ups and their geometric mean, and the bdp output's difference from onnxruntime
 running the binary graph (it should be float round-off).
 
 **models** - every zoo architecture (``bdp.models.zoo.ARCHITECTURES``) at 1x3x256x320: a checkpoint
 from ``zoo.build`` (seed 0) + ``save_checkpoint``, ``bdp.compile`` for x86 (wall time recorded),
-then the bundle vs onnxruntime on the bundle's ``reference.onnx`` (the float model). Also the
+then the bundle vs onnxruntime on the bundle's ``reference.onnx`` (the float model), FP32 and
+statically quantized INT8. Also the
 weight sizes (bundle constants vs float ONNX initializers, and the files).
 
 Timings alternate between the runtimes in a few passes of consecutive runs (see
 :func:`time_interleaved`), so that a change of the machine's load hits them alike; the median is
 the headline number and the minimum is kept too. ``--quick`` is a smoke run: fewer
-rounds, the first two layer shapes, one model.
+rounds, the first two layer shapes, one model. The output and the JSON (``isa``) name the popcount
+ISA bdp's kernels use (AVX2, AVX-512 VPOPCNTDQ: the target spec's).
 
-``--only float-layers`` runs :mod:`bdp.toolchain.bench_float` instead: bdp's float (non-binary)
-layers against onnxruntime, speed and round-off.
+``--target rpi4`` makes the same two tables for a Raspberry Pi 4 from the Cortex-A72 estimator
+instead of timing (:mod:`bdp.toolchain.bench_rpi4`). ``--only float-layers`` runs
+:mod:`bdp.toolchain.bench_float` instead: bdp's float (non-binary) layers against onnxruntime,
+speed and round-off; ``--only wild`` the networks from the wild (:mod:`bdp.toolchain.bench_wild`).
 """
 
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import os
 import platform
@@ -113,6 +118,80 @@ def _versions() -> dict:
 
     return {"bdp": bdp.__version__, "tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__,
             "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()}
+
+
+ISA_NAMES = {"avx512-vpopcntdq": "AVX-512 VPOPCNTDQ", "avx512": "AVX-512", "avx2": "AVX2", "popcnt": "POPCNT",
+             "neon-cnt": "NEON (cnt)"}
+
+
+def isa_name(spec) -> str:
+    """The popcount ISA bdp's kernels run with, as a reader knows it (from the target spec)."""
+    return ISA_NAMES.get(spec.popcount_isa, spec.popcount_isa or "?")
+
+
+def int8_reduce_range() -> bool:
+    """True on x86 without VNNI: there onnxruntime's 8-bit conv multiplies u8 x s8 pairs with
+    VPMADDUBSW, whose 16-bit sums saturate with full-range weights (seen here on an AVX2 host: a
+    3x3 conv 24% off instead of 2%); onnxruntime's guide says to quantize with ``reduce_range``
+    (7-bit weights) on such hosts."""
+    from bdp.targets.spec import cpu_flags
+
+    flags = cpu_flags()
+    return bool(flags) and not ({"avx512_vnni", "avx_vnni"} & flags)
+
+
+def ort_int8_session(model_or_path, threads, input_name, shape, calib=4, seed=0):
+    """An :func:`ort_session` of MODEL quantized to INT8 by :func:`quantize_int8`."""
+    with tempfile.TemporaryDirectory(prefix="bdp-int8-") as d:
+        out = os.path.join(d, "int8.onnx")
+        quantize_int8(model_or_path, out, input_name, shape, calib, seed)
+        return ort_session(out, threads)
+
+
+def quantize_int8(model_or_path, out, input_name, shape, calib=4, seed=0):
+    """onnxruntime INT8: MODEL pre-processed as onnxruntime's quantization guide asks
+    (``quant_pre_process``: shape inference, BatchNormalization folded into Conv), then statically
+    quantized with ``onnxruntime.quantization.quantize_static`` (QDQ, signed 8-bit activations and
+    weights, per-channel weights: onnxruntime's recommended first choice), calibrated (min/max) on
+    CALIB standard-normal inputs, 7-bit weights where :func:`int8_reduce_range` says so; the
+    quantized model is written to OUT."""
+    import logging
+
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            rng = np.random.default_rng(seed)
+            self.data = iter([{input_name: rng.standard_normal(shape).astype(np.float32)} for _ in range(calib)])
+
+        def get_next(self):
+            return next(self.data, None)
+
+    with tempfile.TemporaryDirectory(prefix="bdp-int8-") as d:
+        src = model_or_path
+        if hasattr(model_or_path, "SerializeToString"):
+            src = os.path.join(d, "fp32.onnx")
+            onnx.save(model_or_path, src)
+        pre = os.path.join(d, "pre.onnx")
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # the quantizer logs its advice on the root logger
+        try:
+            quant_pre_process(src, pre, skip_symbolic_shape=True)
+            quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            reduce_range=int8_reduce_range(), activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+        finally:
+            root.setLevel(level)
+    return out
+
+
+def _int8(row, res, bdp_key="bdp"):
+    """Flat INT8 keys of a row: ort_int8_ms (median) and x_ort_int8 (INT8 time / bdp time)."""
+    if "onnxruntime_int8" in res:
+        row["ort_int8_ms"] = res["onnxruntime_int8"]["median_ms"]
+        row["x_ort_int8"] = row["ort_int8_ms"] / res[bdp_key]["median_ms"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,6 +287,13 @@ def bench_layer(c, h, w, *, threads, rounds, slow_rounds, spec):
 
     fns = {"bdp": run_bin, "onnxruntime_fp32": lambda: ort_float.run(None, {"x": x}),
            "tvm_scheduled_fp32": run_sched, "torch_fp32": run_torch}
+    try:
+        ort_q = ort_int8_session(float_model, threads, "x", x.shape)
+        row["ort_int8_max_rel_diff_vs_fp32"] = float(np.abs(ort_q.run(None, {"x": x})[0] - want_f).max()
+                                                     / np.abs(want_f).max())
+        fns["onnxruntime_int8"] = lambda: ort_q.run(None, {"x": x})
+    except Exception as e:  # onnxruntime's quantizer failing must not hide the rest of the row
+        row["ort_int8_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
     res = time_interleaved(fns, rounds)
     # TVM's default pipeline leaves the conv unscheduled: slow, so timed apart with few runs
     target = tvm.target.Target(spec.tvm)
@@ -222,6 +308,7 @@ def bench_layer(c, h, w, *, threads, rounds, slow_rounds, spec):
     row["binary_gmac_per_s_min"] = row["binary_macs"] / (res["bdp"]["min_ms"] * 1e-3) / 1e9
     row["speedup"] = {k: res[k]["median_ms"] / b for k in res if k != "bdp"}
     row["speedup_min"] = {k: res[k]["min_ms"] / res["bdp"]["min_ms"] for k in res if k != "bdp"}
+    _int8(row, res)
     return row
 
 
@@ -262,10 +349,11 @@ def bench_model(arch, workdir, *, threads, rounds):
     t0 = time.perf_counter()
     bdp.compile(ckpt, target="x86", out=out, input_shape=MODEL_INPUT)
     row["compile_s"] = time.perf_counter() - t0
-    with open(os.path.join(out, "manifest.json")) as f:
-        man = json.load(f)
-    row["compile_stages_s"] = man.get("compile_seconds", {})
-    st = man.get("stats", {})
+    from .bundle import read_manifest
+
+    man = read_manifest(out, verify=False)
+    row["compile_stages_s"] = man.compile_seconds
+    st = man.stats
     row.update({k: st.get(k) for k in ("binary_convs", "fp_convs", "weights_bytes", "source_weights_bytes", "left_float")})
     if st.get("weights_bytes"):
         row["weights_ratio"] = st["source_weights_bytes"] / st["weights_bytes"]
@@ -285,9 +373,15 @@ def bench_model(arch, workdir, *, threads, rounds):
     want = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {name: x})))
     row["max_rel_diff_vs_onnxruntime"] = {
         k: float(np.abs(got[k] - want[k]).max() / max(1.0, float(np.abs(want[k]).max()))) for k in got if k in want}
-    res = time_interleaved({"bdp": lambda: bundle.run_raw(x_dev), "onnxruntime_fp32": lambda: sess.run(None, {name: x})},
-                           rounds)
+    fns = {"bdp": lambda: bundle.run_raw(x_dev), "onnxruntime_fp32": lambda: sess.run(None, {name: x})}
+    try:
+        q = ort_int8_session(ref, threads, name, MODEL_INPUT)
+        fns["onnxruntime_int8"] = lambda: q.run(None, {name: x})
+    except Exception as e:  # onnxruntime's quantizer failing must not hide the rest of the row
+        row["ort_int8_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+    res = time_interleaved(fns, rounds)
     row.update(res)
+    _int8(row, res)
     row["speedup_vs_onnxruntime"] = res["onnxruntime_fp32"]["median_ms"] / res["bdp"]["median_ms"]
     row["speedup_vs_onnxruntime_min"] = res["onnxruntime_fp32"]["min_ms"] / res["bdp"]["min_ms"]
     return row
@@ -302,9 +396,9 @@ def _fmt(v, spec=".2f"):
 
 
 def format_layers(rows) -> str:
-    lines = ["binary 3x3 conv layer, float in -> float out (ms, median of interleaved runs; x = FP32 time / bdp time)",
-             f"  {'C x H x W':>15} {'bdp':>8} {'GMAC/s':>7} {'ORT':>8} {'x':>6} {'TVM-sched':>9} {'x':>6} "
-             f"{'PyTorch':>8} {'x':>6} {'TVM-dflt':>9} {'x':>7}  plan"]
+    lines = ["binary 3x3 conv layer, float in -> float out (ms, median of interleaved runs; x = other time / bdp time)",
+             f"  {'C x H x W':>15} {'bdp':>8} {'GMAC/s':>7} {'ORT':>8} {'x':>6} {'ORT INT8':>8} {'x':>6} {'TVM-sched':>9} "
+             f"{'x':>6} {'PyTorch':>8} {'x':>6} {'TVM-dflt':>9} {'x':>7}  plan"]
     for r in rows:
         if "error" in r:
             lines.append(f"  {r['shape']}: {r['error']}")
@@ -314,6 +408,7 @@ def format_layers(rows) -> str:
         lines.append(
             f"  {r['c_in']:>5}x{r['h']:>3}x{r['w']:<4} {r['bdp']['median_ms']:8.3f} {r['binary_gmac_per_s']:7.0f} "
             f"{r['onnxruntime_fp32']['median_ms']:8.3f} {sp['onnxruntime_fp32']:6.1f} "
+            f"{_fmt(r.get('ort_int8_ms'), '.3f'):>8} {_fmt(r.get('x_ort_int8'), '.1f'):>6} "
             f"{r['tvm_scheduled_fp32']['median_ms']:9.3f} {sp['tvm_scheduled_fp32']:6.1f} "
             f"{r['torch_fp32']['median_ms']:8.3f} {sp['torch_fp32']:6.1f} "
             f"{r['tvm_default_fp32']['median_ms']:9.1f} {sp['tvm_default_fp32']:7.0f}  "
@@ -323,7 +418,7 @@ def format_layers(rows) -> str:
 
 def format_models(rows) -> str:
     lines = ["zoo models end to end at 1x3x256x320 (ms, median of interleaved runs)",
-             f"  {'arch':<18} {'bdp':>8} {'ORT FP32':>9} {'x':>6} {'x(min)':>6} {'compile s':>9} "
+             f"  {'arch':<18} {'bdp':>8} {'ORT FP32':>9} {'x':>6} {'x(min)':>6} {'ORT INT8':>9} {'x':>6} {'compile s':>9} "
              f"{'weights x':>9} {'binary MAC':>10}"]
     for r in rows:
         if "error" in r:
@@ -331,7 +426,8 @@ def format_models(rows) -> str:
             continue
         lines.append(
             f"  {r['arch']:<18} {r['bdp']['median_ms']:8.2f} {r['onnxruntime_fp32']['median_ms']:9.2f} "
-            f"{r['speedup_vs_onnxruntime']:6.2f} {r['speedup_vs_onnxruntime_min']:6.2f} {r['compile_s']:9.1f} "
+            f"{r['speedup_vs_onnxruntime']:6.2f} {r['speedup_vs_onnxruntime_min']:6.2f} "
+            f"{_fmt(r.get('ort_int8_ms')):>9} {_fmt(r.get('x_ort_int8')):>6} {r['compile_s']:9.1f} "
             f"{_fmt(r.get('weights_ratio'), '.1f'):>9} {_fmt(100 * r['binary_mac_share'] if 'binary_mac_share' in r else None, '.1f'):>9}%")
     return "\n".join(lines)
 
@@ -345,6 +441,7 @@ def summarize(res) -> dict:
         out["layers"] = {"geomean_speedup_vs_onnxruntime": g, "min_speedup_vs_onnxruntime": min(sp),
                          "geomean_speedup_vs_torch": _geomean([r["speedup"]["torch_fp32"] for r in layers]),
                          "geomean_speedup_vs_tvm_scheduled": _geomean([r["speedup"]["tvm_scheduled_fp32"] for r in layers]),
+                         "geomean_speedup_vs_onnxruntime_int8": _geomean([r.get("x_ort_int8") for r in layers]),
                          "geomean_speedup_vs_onnxruntime_min_times": _geomean(
                              [r["speedup_min"]["onnxruntime_fp32"] for r in layers]),
                          f"geomean_at_least_{TARGETS['layer_geomean']:g}x": g >= TARGETS["layer_geomean"],
@@ -354,6 +451,7 @@ def summarize(res) -> dict:
     if models:
         out["models"] = {
             "speedup_vs_onnxruntime": {r["arch"]: r["speedup_vs_onnxruntime"] for r in models},
+            "speedup_vs_onnxruntime_int8": {r["arch"]: r.get("x_ort_int8") for r in models},
             f"at_least_{TARGETS['model_each']:g}x": [r["arch"] for r in models
                                                      if r["speedup_vs_onnxruntime"] >= TARGETS["model_each"]],
             f"below_{TARGETS['model_each']:g}x": [r["arch"] for r in models
@@ -380,8 +478,15 @@ def _write_json(path, res):
     write_json(path, res)
 
 
-def run(json_path="bench.json", chart="bench.png", quick=False, only="all", archs=None, workdir=None):
-    """Run the suite, print the tables, write JSON_PATH and the PNG CHART; returns the results dict."""
+def run(json_path="bench.json", chart="bench.png", quick=False, only="all", archs=None, workdir=None, target="x86",
+        runs=1, wild_dir=None):
+    """Run the suite, print the tables, write JSON_PATH and the PNG CHART; returns the results dict.
+    TARGET "rpi4": the same tables ESTIMATED for a Raspberry Pi 4 (:mod:`bdp.toolchain.bench_rpi4`,
+    RUNS model runs per estimator process; no chart)."""
+    if target == "rpi4":
+        from . import bench_rpi4
+
+        return bench_rpi4.run(json_path=json_path, quick=quick, only=only, archs=archs, workdir=workdir, runs=runs)
     threads = _threads()  # sets TVM's thread-pool defaults before the pool starts
     from bdp.models import zoo
     from bdp.targets.spec import get_target
@@ -389,10 +494,18 @@ def run(json_path="bench.json", chart="bench.png", quick=False, only="all", arch
     spec = get_target("x86")
     res = {"bdp_bench": 1, "date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": bool(quick),
            "threads": threads, "host": _host(), "versions": _versions(),
-           "target": {"name": spec.name, "tvm": spec.tvm, "popcount": spec.popcount_isa},
+           "target": {"name": spec.name, "tvm": spec.tvm, "popcount": spec.popcount_isa}, "isa": isa_name(spec),
            "method": ("median (and min) of interleaved runs; every runtime uses the same thread count; "
-                      "bdp layer = binarize + pack + popcount conv + float epilogue, float in and out"),
-           "targets": TARGETS}
+                      "bdp layer = binarize + pack + popcount conv + float epilogue, float in and out; "
+                      "onnxruntime INT8 = quantize_static, QDQ, S8S8, per-channel weights, min/max calibration "
+                      "on 4 standard-normal inputs, reduce_range (7-bit weights) on hosts without VNNI"),
+           "int8_reduce_range": int8_reduce_range(), "targets": TARGETS}
+    print(f"bdp bench: target {spec.name} ({spec.tvm.get('mcpu')}), bdp's popcount ISA {res['isa']}, "
+          f"{threads} threads", flush=True)
+    if only == "wild":  # networks from the wild: toolchain/bench_wild.py, its own table and JSON
+        from .bench_wild import run_wild
+
+        return run_wild(res, json_path, threads=threads, quick=quick, wild_dir=wild_dir, workdir=workdir)
     rounds = 5 if quick else 30
     if only == "float-layers":  # bdp's float layers vs onnxruntime: toolchain/bench_float.py
         from .bench_float import FLOAT_TARGET, METHOD, run_float_layers
@@ -433,6 +546,7 @@ def run(json_path="bench.json", chart="bench.png", quick=False, only="all", arch
     if "layers" in s:
         print(f"layers: geometric mean {s['layers']['geomean_speedup_vs_onnxruntime']:.2f}x onnxruntime FP32 "
               f"(min {s['layers']['min_speedup_vs_onnxruntime']:.2f}x), "
+              f"{_fmt(s['layers']['geomean_speedup_vs_onnxruntime_int8'])}x onnxruntime INT8, "
               f"{s['layers']['geomean_speedup_vs_torch']:.2f}x PyTorch, "
               f"{s['layers']['geomean_speedup_vs_tvm_scheduled']:.2f}x TVM scheduled FP32")
     if "models" in s:

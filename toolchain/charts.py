@@ -155,7 +155,9 @@ def profile_chart(path, res):
         if stats and median_ms(stats, "median_ms") is not None:
             rows.append((label, stats))
         elif label.endswith("FP32") and res.get("fp32_note"):
-            notes.append(f"{label}: {res['fp32_note']}")
+            import textwrap
+
+            notes += textwrap.wrap(f"{label}: {res['fp32_note']}", 150)  # one line of the chart's width
     ops = [r for r in res.get("per_op") or [] if median_ms(r, "total_ms") is not None]
     top, rest = ops[:TOP_OPS], ops[TOP_OPS:]
     n_legend = len(top) + (1 if rest else 0)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import re
 import time
 
 import numpy as np
@@ -15,6 +17,7 @@ from bdp.errors import InputError
 
 from .bundle import LIBRARY, atomic_bundle, finalize_manifest
 from .loading import task_of, to_onnx
+from .manifest import safe_output_name
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -55,6 +58,39 @@ def _fix_input_shape(model, name, shape):
             for s in shape:
                 dims.add().dim_value = int(s)
     return model
+
+
+def _check_resources(model: onnx.ModelProto, shape, path):
+    """Refuse, before any work, an input too large to compile, a graph whose activations at SHAPE
+    need more memory than this machine has (from ONNX shape inference), and weights holding NaN
+    (a diverged training: the bundle would compute NaN)."""
+    from onnx import numpy_helper
+
+    from .loading import check_input_size, check_memory
+
+    check_input_size(shape, f"{path}: input shape {','.join(map(str, shape))}")
+    for t in model.graph.initializer:
+        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+            a = numpy_helper.to_array(t)
+            if a.size and np.isnan(a).any():
+                raise InputError(f"{path}: initializer '{t.name}' holds NaN values (diverged training?); bdp does "
+                                 "not compile such weights")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # shape inference is an estimate here; the compile reports real faults
+        return
+    need = int(np.prod(shape)) * 4
+    for vi in inferred.graph.value_info:
+        tt = vi.type.tensor_type
+        dims = [d.dim_value for d in tt.shape.dim]
+        if not dims or any(d <= 0 for d in dims):
+            continue
+        try:
+            size = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize
+        except (KeyError, TypeError):
+            size = 4
+        need += int(np.prod(dims, dtype=np.float64)) * size
+    check_memory(need, f"{path} at input shape {','.join(map(str, shape))}")
 
 
 def _weights_bytes(model: onnx.ModelProto) -> int:
@@ -148,27 +184,83 @@ class _Stages:
             self.bar.close()
 
 
+def _passes_owned(folder):
+    """A ``--dump-after`` folder bdp wrote holds only ``NN-pass.onnx`` files."""
+    names = os.listdir(folder)
+    extra = [n for n in names if not re.fullmatch(r"[0-9]{2}-[a-z0-9-]+\.onnx", n)
+             or not os.path.isfile(os.path.join(folder, n))]
+    return (not extra), (f"it holds {', '.join(sorted(extra)[:3])}" if extra else "")
+
+
 def compile_model(model, target="x86", out="bundle", *, input_shape=None, pipeline="default", dump_after=None,
-                  verify=False, reference=True, progress=False, report_path=None, options=None):
-    """Compile MODEL for TARGET into bundle folder OUT; returns OUT. See ``bdp compile --help``."""
-    from bdp.passes import attach_functions, run_pipeline
-    from bdp.passes.core import run_onnxruntime
-    from bdp.targets.lower import build, check_supported, export_library, import_onnx
+                  verify=False, reference=True, progress=False, report_path=None, options=None, trust_model=False,
+                  force=False, sign=None):
+    """Compile MODEL for TARGET into bundle folder OUT; returns OUT. See ``bdp compile --help``.
+
+    OUT (and ``OUT.passes/`` with DUMP_AFTER) are checked before any work: an existing folder is
+    replaced only when it is a bdp bundle holding nothing but its files (FORCE: any folder). On
+    failure neither is left behind. OPTIONS: :class:`bdp.targets.options.CompileOptions` (or a
+    dict of its fields). SIGN: a private key file; the bundle's manifest is signed with it
+    (manifest.sig)."""
+    from bdp.files import atomic_folder, check_output_folder
+    from bdp.passes import PIPELINES
     from bdp.targets.options import CompileOptions
     from bdp.targets.spec import get_target
 
+    from .bundle import check_bundle_output
+
     spec = get_target(target)
     options = CompileOptions.of(options)
+    if spec.device:
+        import shutil
+
+        from bdp.errors import ToolMissingError
+        from bdp.targets.devices import get_device
+
+        device = get_device(spec.device)
+        cc = device.default_cc()
+        if shutil.which(cc) is None:
+            raise ToolMissingError(f"--target {target}: the C++ compiler '{cc}' for {spec.device} is not installed; "
+                                   f"{device.APT_HINT}")
+    if isinstance(pipeline, str) and pipeline not in PIPELINES:
+        raise InputError(f"--pipeline {pipeline}: no such pipeline (known: {', '.join(PIPELINES)}); "
+                         "`bdp passes` lists them")
+    if sign:
+        from .signing import load_private_key
+
+        load_private_key(sign)  # a bad key is an error now, not after the compile
+    out_abs = check_bundle_output(out, force)
+    dump_final = out_abs + ".passes" if dump_after else None
+    if dump_final:
+        check_output_folder(dump_final, _passes_owned, force, "pass dump folder")
+    with contextlib.ExitStack() as stack:
+        dump_dir = (stack.enter_context(atomic_folder(dump_final, _passes_owned, force, "pass dump folder"))
+                    if dump_final else None)
+        _compile(model, target, out, input_shape, pipeline, dump_after, dump_dir, dump_final, verify, reference,
+                 progress, trust_model, force, sign, options)
+    return out
+
+
+def _compile(model, target, out, input_shape, pipeline, dump_after, dump_dir, dump_final, verify, reference,
+             progress, trust_model, force, sign, options):
+    from bdp.passes import attach_functions, run_pipeline
+    from bdp.passes.core import run_onnxruntime
+    from bdp.targets.lower import build, check_supported, export_library, import_onnx
+    from bdp.targets.spec import get_target
+
+    spec = get_target(target)
     stages = _Stages(progress, 6)
     stages("load")
-    source, info = to_onnx(str(model), input_shape)
+    source, info = to_onnx(str(model), input_shape, trust_model=trust_model)
     inp = _graph_input(source)
     shape = _resolve_shape(inp, info.get("input_shape") if info["source"] != "onnx" else input_shape, model)
     source = _fix_input_shape(source, inp.name, shape)
+    _check_resources(source, shape, model)
     stages("passes")
-    dump_dir = os.path.join(os.path.dirname(os.path.abspath(out)), os.path.basename(os.path.abspath(out)) + ".passes")
     final, report = run_pipeline(source, pipeline, verify=verify, dump_after=dump_after, dump_dir=dump_dir,
                                  shapes={inp.name: shape})
+    if dump_dir:  # the notes name the folder the dumps end up in, not the temporary one
+        report.notes = [n.replace(dump_dir, dump_final) for n in report.notes]
     check_supported(final)
     stages("shapes")
     x0 = np.zeros(shape, np.float32)
@@ -178,6 +270,8 @@ def compile_model(model, target="x86", out="bundle", *, input_shape=None, pipeli
         raise InputError(f"{model}: onnxruntime cannot run the model after passes "
                          f"({str(e).strip().splitlines()[0][:200]})") from None
     out_names = [o.name for o in final.graph.output]
+    for n in out_names:
+        safe_output_name(str(model), "output name", n)
     outputs = [{"name": n, "shape": list(a.shape), "dtype": str(a.dtype), "task": task_of(n)}
                for n, a in zip(out_names, ref_outs)]
     classes = _class_names(model, info)
@@ -189,10 +283,15 @@ def compile_model(model, target="x86", out="bundle", *, input_shape=None, pipeli
     stages("build")
     ex = build(mod, spec, options=options)
     stages("bundle")
-    with atomic_bundle(out) as tmp:
+    with atomic_bundle(out, force) as tmp:
         export_library(ex, os.path.join(tmp, LIBRARY), spec)
         if reference:
+            from bdp.passes import PASSES
+            from bdp.passes.binarizers import QONNX_DOMAINS
+
             ref = copy.deepcopy(source)
+            if any(n.domain in QONNX_DOMAINS for n in ref.graph.node):  # onnxruntime has no QONNX ops:
+                ref = PASSES["qonnx-to-standard"](ref)  # their definitions in standard ops, as QONNX computes them
             if ref.ir_version > 10:
                 ref.ir_version = 10
             onnx.save(attach_functions(ref), os.path.join(tmp, "reference.onnx"))
@@ -223,11 +322,10 @@ def compile_model(model, target="x86", out="bundle", *, input_shape=None, pipeli
             manifest["target"]["note"] = spec.note
         stages.close()
         manifest["compile_seconds"] = dict(stages.times, total=round(time.time() - stages.t0, 3))
-        finalize_manifest(tmp, manifest)
+        man = finalize_manifest(tmp, manifest, sign=sign)
         if verify and spec.host_runnable:
-            manifest["verify"] = _verify_bundle(tmp, final, inp.name, shape, out_names)
-            finalize_manifest(tmp, manifest)
-    return out
+            man.verify = _verify_bundle(tmp, final, inp.name, shape, out_names)
+            finalize_manifest(tmp, man, sign=sign)
 
 
 def _verify_bundle(bundle_dir, final, input_name, shape, out_names, tol=1e-4):
@@ -251,7 +349,7 @@ def _verify_bundle(bundle_dir, final, input_name, shape, out_names, tol=1e-4):
         return float(r.max()), float(r.mean())
 
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    got = load_bundle(bundle_dir)(x)
+    got = load_bundle(bundle_dir, trust=False)(x)
     exact = dict(zip(out_names, run_onnxruntime(final, {input_name: x}, optimize=False)))
     d = {n: diff(got[n], exact[n]) for n in out_names}
     rec = {"input": "standard normal, seed 0",

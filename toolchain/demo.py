@@ -50,10 +50,9 @@ def run_demo(out="demo-out", arch="bireal-tiny", epochs=4, size=(128, 160), n_tr
     click.secho(f"[2/5] compiling for x86 at {size[0]}x{size[1]}", bold=True)
     bx = os.path.join(out, "bundle-x86")
     compile_model(ck, target="x86", out=bx, input_shape=(1, 3, *size), progress=True, verify=True)
-    import json
+    from .bundle import read_manifest
 
-    with open(os.path.join(bx, "manifest.json")) as f:
-        st = json.load(f)["stats"]
+    st = read_manifest(bx, verify=False).stats
     click.echo(f"      {st['binary_convs']} binary convs packed-bit, {st['fp_convs']} float convs, "
                f"weights {st['weights_bytes'] / 1024:.1f} KiB")
 

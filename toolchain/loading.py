@@ -13,12 +13,48 @@ from __future__ import annotations
 import io
 import os
 import warnings
-import zipfile
 
 from bdp.errors import InputError
 
 MIN_OPSET = 13
 DEFAULT_SHAPE = (1, 3, 256, 320)
+MAX_INPUT_BYTES = 1 << 30  # float32 input tensor of a compile
+MAX_MODEL_BYTES = 1 << 30  # a model file
+
+
+def available_memory():
+    """Bytes of memory this process can still have: the machine's MemAvailable, or less when an
+    address-space limit (``ulimit -v``) leaves less; None when unknown."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            with open("/proc/self/status") as f:
+                used = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmSize:"))
+            left = max(0, soft - used)
+            avail = left if avail is None else min(avail, left)
+    except (OSError, ValueError, StopIteration, ImportError):
+        pass
+    return avail
+
+
+def check_memory(need_bytes, what):
+    """InputError when WHAT needs more memory than this machine has available."""
+    avail = available_memory()
+    if avail is not None and need_bytes > avail:
+        raise InputError(f"{what} needs about {need_bytes / 2**30:.1f} GiB of memory for its activations, this "
+                         f"process has {avail / 2**30:.1f} GiB available (free memory, ulimit -v); use a smaller "
+                         "--input-shape")
 
 
 def model_kind(path) -> str:
@@ -74,9 +110,20 @@ def load_onnx(path):
             load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
         except Exception as e:
             raise InputError(f"{path}: cannot load external data ({str(e).splitlines()[0][:160]})") from None
+    _drop_bdp_functions(model)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None or opset < MIN_OPSET:
         raise InputError(f"{path}: ONNX opset {opset} is older than {MIN_OPSET}; re-export with opset_version>={MIN_OPSET}")
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:
+        raise InputError(f"{path}: ONNX opset {opset} is newer than this bdp's onnx reads ({newest}); re-export with "
+                         f"opset_version<={newest}")
+    inits = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        tt = vi.type.tensor_type
+        if vi.name not in inits and (not vi.type.HasField("tensor_type") or tt.elem_type not in _FLOAT_TYPES):
+            kind = onnx.TensorProto.DataType.Name(tt.elem_type) if vi.type.HasField("tensor_type") else "not a tensor"
+            raise InputError(f"{path}: input '{vi.name}' is {kind}; bdp compiles dense predictors with a float32 input")
     try:
         from bdp.passes.ops import register_schemas
 
@@ -88,21 +135,28 @@ def load_onnx(path):
     return model
 
 
-def load_exported_program(path):
-    import torch
+_FLOAT_TYPES = (1,)  # FLOAT: the bundle input is float32 (manifest, bin/bdp-run)
 
-    path = str(path)
-    try:
-        zipfile.ZipFile(path).close()
-    except (zipfile.BadZipFile, OSError):
-        raise InputError(f"{path}: not a torch.export program (not a zip archive)") from None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.export.load(path)
-    except Exception as e:
-        msg = str(e).strip().splitlines()
-        raise InputError(f"{path}: cannot load torch.export program ({(msg[0] if msg else type(e).__name__)[:200]})") from None
+
+def _drop_bdp_functions(model):
+    """Remove the function bodies a file carries for ``bdp`` ops: bdp has their schemas and
+    attaches its own bodies whenever it writes or runs a graph, so a file's copies (stale, of
+    another opset, or hostile) are never used; onnx.checker refuses bodies whose opset differs
+    from the model's (bdp's own exports at opset 20 carried opset-18 bodies)."""
+    from bdp.passes.ops import DOMAIN
+
+    keep = [f for f in model.functions if f.domain != DOMAIN]
+    if len(keep) != len(model.functions):
+        del model.functions[:]
+        model.functions.extend(keep)
+
+
+def load_exported_program(path, trust=False):
+    """The ExportedProgram of a ``.pt2`` file, inspected first so that no code from the file runs
+    (see :mod:`bdp.toolchain.pt2`); ``trust=True`` loads it with ``torch.export.load`` as is."""
+    from .pt2 import load_exported_program as _load
+
+    return _load(path, trust=trust)
 
 
 def parse_shape(text):
@@ -117,7 +171,17 @@ def parse_shape(text):
         raise InputError(what) from None
     if not 1 <= len(shape) <= 8 or any(s <= 0 for s in shape):
         raise InputError(what)
+    check_input_size(shape, f"--input-shape {text}")
     return shape
+
+
+def check_input_size(shape, what):
+    n = 1
+    for s in shape:
+        n *= int(s)
+    if n * 4 > MAX_INPUT_BYTES:
+        raise InputError(f"{what}: the input alone is {n * 4 / 2**30:.1f} GiB (float32, {n:,} values); bdp compiles "
+                         f"inputs up to {MAX_INPUT_BYTES / 2**30:.0f} GiB")
 
 
 def export_torch(module_or_program, input_shape, output_names=None):
@@ -181,8 +245,9 @@ def task_of(name: str) -> str:
     return "unknown"
 
 
-def to_onnx(path, input_shape=None):
-    """(ONNX ModelProto, info) for MODEL at PATH in any supported form.
+def to_onnx(path, input_shape=None, trust_model=False):
+    """(ONNX ModelProto, info) for MODEL at PATH in any supported form. TRUST_MODEL loads a
+    ``.pt2`` without inspecting it first (``--trust-model``).
 
     info: {"source": kind, "arch": name or None, "input_shape": tuple, "config": dict}
     """
@@ -192,12 +257,15 @@ def to_onnx(path, input_shape=None):
     if kind == "checkpoint":
         module = load_checkpoint(path)
         shape = shape or DEFAULT_SHAPE
+        from bdp.models.zoo import forward_bytes
+
+        check_memory(forward_bytes(module, shape), f"{path} at input shape {','.join(map(str, shape))}")
         info["arch"] = getattr(module, "bdp_arch", None)
         info["config"] = dict(getattr(module, "bdp_config", {}))
         names = _output_names(module, shape)
         model = export_torch(module, shape, names)
     elif kind == "exported-program":
-        prog = load_exported_program(path)
+        prog = load_exported_program(path, trust=trust_model)
         if shape is None:
             shape = _program_input_shape(prog, path)
         try:

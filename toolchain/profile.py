@@ -170,12 +170,12 @@ def fp32_baseline(bundle_dir, manifest, x, runs, warmup):
     return summarize(times), None
 
 
-def profile_local(bundle_dir, runs=50, warmup=5):
+def profile_local(bundle_dir, runs=50, warmup=5, trust=None):
     from .bundle import load_bundle
 
-    bundle = load_bundle(bundle_dir)
+    bundle = load_bundle(bundle_dir, trust=trust)
     manifest = bundle.manifest
-    shape = tuple(manifest["input"]["shape"])
+    shape = tuple(manifest.input.shape)
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     x_dev = bundle.to_device(x)
     times = time_callable(lambda: bundle.run_raw(x_dev), runs, warmup)
@@ -183,7 +183,7 @@ def profile_local(bundle_dir, runs=50, warmup=5):
         "device": "local",
         "host": _host(),
         "bundle": os.path.abspath(bundle_dir),
-        "target": manifest["target"]["name"],
+        "target": manifest.target.name,
         "input_shape": list(shape),
         "threads": runtime_threads(),
         "latency": summarize(times),
@@ -196,6 +196,28 @@ def profile_local(bundle_dir, runs=50, warmup=5):
     else:
         result["fp32_note"] = why
     return result
+
+
+def run_profile(bundle_dir, device="local", rpc=None, tracker=None, key=None, runs=None, warmup=5, trust=None):
+    """``bdp profile``: timed here (``local``), on a board over TVM RPC, or estimated for a
+    Cortex-A72 (``cortex-a72-model``, :mod:`bdp.toolchain.estimate`). RUNS None: 50 timed runs
+    (1 model run for the estimate, whose instruction counts are exact)."""
+    from .estimate import DEVICE
+
+    if device == DEVICE:
+        if rpc or tracker:
+            raise InputError(f"--device {DEVICE} runs the bundle here under qemu; drop --rpc / --tracker")
+        from .estimate import estimate
+
+        return estimate(bundle_dir, runs=1 if runs is None else runs)
+    runs = 50 if runs is None else runs
+    check_runs(runs)
+    if rpc or tracker or device != "local":
+        from . import remote
+
+        return remote.profile_remote(bundle_dir, device=device, rpc=rpc, tracker=tracker, key=key, runs=runs,
+                                     warmup=warmup)
+    return profile_local(bundle_dir, runs=runs, warmup=warmup, trust=trust)
 
 
 def _host():
@@ -214,6 +236,10 @@ def _host():
 
 
 def format_text(res) -> str:
+    if res.get("estimate"):
+        from .estimate import format_text as estimate_text
+
+        return estimate_text(res)
     lat = res["latency"]
     lines = [f"bdp profile: {res['bundle']} on {res['device']} ({res.get('host', {}).get('cpu', '')}), "
              f"target {res['target']}, input {res['input_shape']}, {lat['runs']} runs",

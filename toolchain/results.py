@@ -15,7 +15,6 @@ recorded in its cell ("compile failed: ...") and the table is still written.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -57,9 +56,9 @@ def bundle_stats(ckpt, bundle_dir, target):
 
         out = bdp.compile(ckpt, target=target, out=bundle_dir)
         bdir = out if isinstance(out, (str, os.PathLike)) and os.path.isdir(out) else bundle_dir
-        with open(os.path.join(bdir, "manifest.json")) as fh:
-            manifest = json.load(fh)
-        wb = manifest.get("stats", {}).get("weights_bytes")
+        from .bundle import read_manifest
+
+        wb = read_manifest(bdir, verify=False).stats.get("weights_bytes")
         total = 0
         for root, _, files in os.walk(bdir):
             for f in files:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 
@@ -75,34 +74,27 @@ def load_image(path, preprocess: dict, shape) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_input(path, manifest) -> tuple[np.ndarray, np.ndarray | None]:
-    inp = manifest["input"]
+    inp = manifest.input
     ext = os.path.splitext(str(path))[1].lower()
     if ext == ".npy":
         x = load_npy(path)
-        want = tuple(inp["shape"])
+        want = tuple(inp.shape)
         if tuple(x.shape) != want:
             raise InputError(f"{path}: array has shape {tuple(x.shape)}, the bundle expects {want}")
         return x.astype(np.float32), None
     if ext in IMAGE_EXTS:
-        if inp.get("preprocess", {}).get("kind", "image") != "image":
-            raise InputError(f"{path}: this bundle's input {inp['name']} {list(inp['shape'])} is not an image; "
+        if (inp.preprocess or {}).get("kind", "image") != "image" or len(inp.shape) != 4:
+            raise InputError(f"{path}: this bundle's input {inp.name} {list(inp.shape)} is not an image; "
                              "pass the tensor as a .npy file")
-        return load_image(path, inp.get("preprocess", {}), inp["shape"])
+        return load_image(path, inp.preprocess or {}, inp.shape)
     raise InputError(f"{path}: unknown input type '{ext}' (expected .npy or an image: {', '.join(IMAGE_EXTS)})")
 
 
 def save_npz(path, outputs: dict):
-    path = os.path.abspath(str(path))
-    d = os.path.dirname(path)
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=d)
-    os.close(fd)
-    try:
+    from bdp.files import atomic_path
+
+    with atomic_path(path) as tmp:
         np.savez(tmp, **outputs)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def device_of(manifest):
@@ -111,27 +103,58 @@ def device_of(manifest):
     from bdp.targets.devices import get_device
     from bdp.targets.spec import spec_of_manifest
 
-    spec = spec_of_manifest(manifest.get("target"))
+    spec = spec_of_manifest(manifest["target"])
     return get_device(spec.device) if spec is not None and spec.device else None
 
 
-def run_bundle(bundle_dir, input_path, out_path=None, viz_dir=None):
-    """Run BUNDLE on INPUT; writes OUT.npz (and pictures). Returns {name: array}."""
+def _viz_owned(manifest):
+    """A ``--viz`` folder bdp wrote for this bundle holds only its pictures."""
+    from bdp.files import only_these_files
+
+    names = {f"{n}.png" for n in manifest.output_names} | {"overview.png"}
+    return lambda folder: only_these_files(folder, names)
+
+
+def run_bundle(bundle_dir, input_path, out_path=None, viz_dir=None, force=False, trust=None):
+    """Run BUNDLE on INPUT; writes OUT.npz (and pictures). Returns {name: array}.
+
+    Both outputs are checked before the run (OUT.npz: not a folder, its parent writable; the
+    picture folder: absent, empty or holding only pictures of this bundle's outputs, unless
+    FORCE) and written only when both are ready; a failure leaves neither. TRUST: a public key the
+    bundle's signature must verify with (default $BDP_TRUST)."""
+    from bdp.files import atomic_folder, check_output_file, check_output_folder, remove_quietly
+
     from .bundle import host_can_run, load_bundle, read_manifest
 
-    manifest = read_manifest(bundle_dir)
+    manifest = read_manifest(bundle_dir, trust=trust)
+    if out_path:
+        out_path = check_output_file(out_path, "output .npz")
+    if viz_dir:
+        viz_dir = check_output_folder(viz_dir, _viz_owned(manifest), force, "picture folder")
+    if out_path and viz_dir and out_path == viz_dir:
+        raise InputError(f"{out_path}: -o and --viz name the same path")
     x, image = load_input(input_path, manifest)
     ok, _why = host_can_run(manifest)
     if ok:
-        outputs = load_bundle(bundle_dir, verify=False)(x)
+        outputs = load_bundle(bundle_dir, verify=False, trust=False)(x)  # checked just above
     elif device_of(manifest) is not None:
-        outputs = device_of(manifest).run_bundle(bundle_dir, x, [o["name"] for o in manifest["outputs"]])
+        outputs = device_of(manifest).run_bundle(bundle_dir, x, manifest.output_names)
     else:
         raise InputError(f"{bundle_dir}: cannot run on this host: {_why}")
-    if out_path:
-        save_npz(out_path, outputs)
-    if viz_dir:
-        from .viz import save_pictures
+    existed = out_path is not None and os.path.exists(out_path)
+    try:
+        if viz_dir:
+            from .viz import save_pictures
 
-        save_pictures(viz_dir, outputs, manifest, image=image, x=x, source=input_path)
+            with atomic_folder(viz_dir, _viz_owned(manifest), force, "picture folder") as tmp:
+                save_pictures(tmp, outputs, manifest, image=image, x=x, source=input_path)
+                if out_path:
+                    save_npz(out_path, outputs)  # inside: a failure here leaves no pictures
+        elif out_path:
+            save_npz(out_path, outputs)
+    except BaseException:
+        if out_path and not existed:
+            remove_quietly(out_path)
+        raise
     return outputs
+

@@ -5,7 +5,7 @@ Relax VM executable cross-linked with ``aarch64-linux-gnu-g++``) go
 
 - ``lib/libtvm_runtime.so`` and ``lib/libtvm_ffi.so``: the TVM runtime from PyPI's aarch64
   ``apache-tvm`` / ``apache-tvm-ffi`` wheels, the same versions as installed here;
-- ``bin/bdp-run``: a native runner (``targets/runtime/bdp_run.cc``) linked with rpath
+- ``bin/bdp-run``: a native runner (``targets/devices/runtime/bdp_run.cc``) linked with rpath
   ``$ORIGIN/../lib``, so the folder can be moved anywhere;
 - ``README.device.md``: how to run it on the device, and the glibc / libstdc++ it needs.
 
@@ -29,13 +29,14 @@ import importlib.util
 import os
 import platform
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
 from typing import Mapping, Sequence
+
+from bdp.errors import ToolMissingError
 
 TVM_VERSION = importlib.metadata.version("apache-tvm")
 FFI_VERSION = importlib.metadata.version("apache-tvm-ffi")
@@ -60,7 +61,6 @@ RUNNER_SOURCE = Path(__file__).with_name("runtime") / "bdp_run.cc"
 RUNNER_FLAGS = ("-std=c++17", "-O2", "-Wall")
 
 _VERSIONS_FILE = "VERSIONS"
-_EM_AARCH64 = 183
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -87,20 +87,10 @@ def _versions_stamp() -> str:
     return f"apache-tvm=={TVM_VERSION}\napache-tvm-ffi=={FFI_VERSION}\n"
 
 
-def _elf_machine(path: Path) -> int | None:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(20)
-    except OSError:
-        return None
-    if len(head) < 20 or head[:4] != b"\x7fELF":
-        return None
-    endian = "<" if head[5] == 1 else ">"
-    return struct.unpack(endian + "H", head[18:20])[0]
-
-
 def _is_aarch64_elf(path: Path) -> bool:
-    return _elf_machine(path) == _EM_AARCH64
+    from ..elf import machine
+
+    return machine(path) == "EM_AARCH64"
 
 
 def _runtime_complete(d: Path) -> bool:
@@ -141,12 +131,12 @@ def _pip_download(dest: Path) -> list[Path]:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
     except OSError as e:
-        raise RuntimeError(f"cannot run pip to fetch the AArch64 TVM runtime ({e}); {_manual_hint()}") from None
+        raise ToolMissingError(f"cannot run pip to fetch the AArch64 TVM runtime ({e}); {_manual_hint()}") from None
     wheels = sorted(dest.glob("*.whl"))
     if proc.returncode != 0 or len(wheels) < 2:
         lines = [ln.strip() for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
         why = lines[-1] if lines else f"pip exited with {proc.returncode}"
-        raise RuntimeError(f"could not download the AArch64 TVM runtime wheels from PyPI (offline?): {why}; "
+        raise ToolMissingError(f"could not download the AArch64 TVM runtime wheels from PyPI (offline?): {why}; "
                            f"{_manual_hint()}")
     return wheels
 
@@ -170,11 +160,11 @@ def runtime_dir(cache: str | os.PathLike | None = None) -> Path:
             return d
         wheels = sorted(d.glob("*.whl")) if d.is_dir() else []
         if not wheels:
-            raise RuntimeError(f"BDP_AARCH64_RUNTIME={manual} holds neither AArch64 libtvm_runtime.so + "
+            raise ToolMissingError(f"BDP_AARCH64_RUNTIME={manual} holds neither AArch64 libtvm_runtime.so + "
                                f"libtvm_ffi.so nor the aarch64 apache-tvm / apache-tvm-ffi wheels")
         for dist, ver in (("apache_tvm-", TVM_VERSION), ("apache_tvm_ffi-", FFI_VERSION)):
             if not any(w.name.startswith(f"{dist}{ver}-") for w in wheels):
-                raise RuntimeError(f"BDP_AARCH64_RUNTIME={manual} has no {dist}{ver}-*aarch64*.whl "
+                raise ToolMissingError(f"BDP_AARCH64_RUNTIME={manual} has no {dist}{ver}-*aarch64*.whl "
                                    f"(the installed version); {_manual_hint()}")
         wanted = (f"apache_tvm-{TVM_VERSION}-", f"apache_tvm_ffi-{FFI_VERSION}-")
         wheels = [w for w in wheels if w.name.startswith(wanted)]
@@ -237,7 +227,7 @@ def _cc_version(cc: str) -> str:
     try:
         out = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
-        raise RuntimeError(f"C++ compiler '{cc}' not found; {APT_HINT}") from None
+        raise ToolMissingError(f"C++ compiler '{cc}' not found; {APT_HINT}") from None
     return out.splitlines()[0] if out else cc
 
 
@@ -287,43 +277,6 @@ def build_runner(out_path: str | os.PathLike, cc: str | None = None) -> Path:
 
 # ----------------------------------------------------------------------------- requirements
 
-def _elf_version_needs(path: Path) -> dict[str, set[str]]:
-    """{needed library: {symbol versions}} from an ELF64 little-endian file's .gnu.version_r."""
-    data = Path(path).read_bytes()
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        return {}
-    e_shoff, = struct.unpack_from("<Q", data, 0x28)
-    e_shentsize, e_shnum = struct.unpack_from("<HH", data, 0x3A)
-    sections = []
-    for i in range(e_shnum):
-        off = e_shoff + i * e_shentsize
-        sh_type, = struct.unpack_from("<I", data, off + 4)
-        sh_offset, sh_size = struct.unpack_from("<QQ", data, off + 0x18)
-        sh_link, sh_info = struct.unpack_from("<II", data, off + 0x28)
-        sections.append((sh_type, sh_offset, sh_size, sh_link, sh_info))
-
-    def cstr(base: int, off: int) -> str:
-        end = data.index(b"\0", base + off)
-        return data[base + off:end].decode()
-
-    needs: dict[str, set[str]] = {}
-    for sh_type, off, _size, link, count in sections:
-        if sh_type != 0x6FFFFFFE:  # SHT_GNU_verneed
-            continue
-        strtab = sections[link][1]
-        pos = off
-        for _ in range(count):
-            _ver, cnt, vn_file, vn_aux, vn_next = struct.unpack_from("<HHIII", data, pos)
-            lib = cstr(strtab, vn_file)
-            apos = pos + vn_aux
-            for _ in range(cnt):
-                _hash, _flags, _other, vna_name, vna_next = struct.unpack_from("<IHHII", data, apos)
-                needs.setdefault(lib, set()).add(cstr(strtab, vna_name))
-                apos += vna_next
-            pos += vn_next
-    return needs
-
-
 def _max_version(versions, prefix: str) -> str | None:
     best = None
     for v in versions:
@@ -348,9 +301,11 @@ def device_requirements(files: Sequence[str | os.PathLike]) -> dict:
 
     Returns {"glibc": "2.34", "glibcxx": "3.4.29", "gcc": "11"} (values None when unused).
     """
+    from ..elf import version_needs
+
     glibc, glibcxx = set(), set()
     for f in files:
-        for vers in _elf_version_needs(Path(f)).values():
+        for vers in version_needs(Path(f)).values():
             for v in vers:
                 if v.startswith("GLIBC_"):
                     glibc.add(v)
@@ -469,7 +424,7 @@ def run_under_qemu(bundle_dir: str | os.PathLike, input_npy: str | os.PathLike, 
         if not Path(QEMU_LD_PREFIX, "lib").is_dir():
             missing.append(f"{QEMU_LD_PREFIX} (AArch64 glibc)")
         if missing:
-            raise RuntimeError(f"cannot run AArch64 code here: missing {', '.join(missing)}; {APT_HINT}")
+            raise ToolMissingError(f"cannot run AArch64 code here: missing {', '.join(missing)}; {APT_HINT}")
     bundle = Path(bundle_dir)
     runner = bundle / "bin" / "bdp-run"
     if not runner.is_file():
@@ -500,5 +455,5 @@ def run_bundle(bundle_dir: str | os.PathLike, x, output_names: Sequence[str]) ->
         if proc.returncode != 0:
             msg = (proc.stderr or proc.stdout or "").strip().splitlines()
             raise InputError(f"{bundle_dir}: bin/bdp-run failed (exit {proc.returncode}): {msg[-1] if msg else ''}")
-        return {n: np.load(os.path.join(outdir, n + ".npy")) for n in output_names}
+        return {n: np.load(os.path.join(outdir, n + ".npy"), allow_pickle=False) for n in output_names}
 

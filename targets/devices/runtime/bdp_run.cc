@@ -1,6 +1,6 @@
 // bdp-run: native runner for a bdp bundle (no Python needed).
 //
-//   bdp-run [--repeat N] [--warmup N] BUNDLE INPUT.npy OUTDIR
+//   bdp-run [--trust KEY.pub] [--repeat N] [--warmup N] BUNDLE INPUT.npy OUTDIR
 //
 // Loads BUNDLE/model.so (a Relax VM executable exported by TVM), reads
 // INPUT.npy (float32, little-endian, C order, any rank), runs the VM's
@@ -23,6 +23,15 @@
 // The manifest is parsed with tvm-ffi's own JSON reader (tvm::ffi::json).
 // Threads: the TVM runtime honours TVM_NUM_THREADS.
 //
+// Signed bundles: with --trust KEY.pub (or BDP_TRUST=KEY.pub in the environment) the runner
+// refuses the bundle (exit 2) unless BUNDLE/manifest.sig (base64 of a 64-byte Ed25519
+// signature) verifies over the exact bytes of BUNDLE/manifest.json with the PEM public key
+// KEY.pub, and every file the manifest lists ("files": {path: {"sha256": hex}}) has that
+// sha256; only then is model.so loaded. The checks use the system's OpenSSL libcrypto
+// (libcrypto.so.3), opened with dlopen when --trust is given: no link-time dependency, and
+// nothing needed without --trust. The runner and lib/ it was started from are not checked (they
+// are already running): run untrusted bundles with a bdp-run installed from a bundle you trust.
+//
 // Build (see bdp/targets/aarch64.py, build_runner):
 //   aarch64-linux-gnu-g++ -std=c++17 -O2 bdp_run.cc -I<tvm_ffi/include>
 //     -I<tvm/include> -L<lib> -Wl,--no-as-needed -ltvm_ffi -ltvm_runtime
@@ -38,6 +47,8 @@
 #include <tvm/ffi/extra/module.h>
 #include <tvm/ffi/function.h>
 #include <tvm/ffi/string.h>
+
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -276,8 +287,7 @@ std::optional<ffi::Any> get_key(const ffi::Any& obj, const char* key) {
   return (*it).second;
 }
 
-Manifest read_manifest(const std::string& path) {
-  std::string text = read_file(path, kExitInput);
+Manifest read_manifest(const std::string& path, const std::string& text) {
   ffi::String err;
   ffi::Any root = ffi::json::Parse(ffi::String(text), &err);
   if (!err.empty()) fail(kExitInput, path + ": invalid JSON: " + one_line(std::string(err)));
@@ -327,6 +337,171 @@ Manifest read_manifest(const std::string& path) {
   return m;
 }
 
+// ---------------------------------------------------------------- signatures (--trust)
+
+std::string base64_decode(const std::string& in, const std::string& what) {
+  auto val = [](char c) -> int {
+    if (c >= 'A' && c <= 'Z') return c - 'A';
+    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+    if (c >= '0' && c <= '9') return c - '0' + 52;
+    if (c == '+') return 62;
+    if (c == '/') return 63;
+    return -1;
+  };
+  std::string out;
+  uint32_t acc = 0;
+  int bits = 0, pad = 0;
+  for (char c : in) {
+    if (c == ' ' || c == '\n' || c == '\r' || c == '\t') continue;
+    if (c == '=') {
+      ++pad;
+      continue;
+    }
+    int v = val(c);
+    if (v < 0 || pad) fail(kExitInput, what + ": not base64");
+    acc = (acc << 6) | static_cast<uint32_t>(v);
+    bits += 6;
+    if (bits >= 8) {
+      bits -= 8;
+      out.push_back(static_cast<char>((acc >> bits) & 0xff));
+    }
+  }
+  if (pad > 2) fail(kExitInput, what + ": not base64");
+  return out;
+}
+
+// The 32-byte Ed25519 key of a PEM "PUBLIC KEY" (SubjectPublicKeyInfo, as `bdp keys new` and
+// `openssl pkey -pubout` write it): the DER is a fixed 12-byte prefix and the key.
+std::string read_ed25519_public_key(const std::string& path) {
+  std::string pem = read_file(path, kExitInput);
+  const std::string begin = "-----BEGIN PUBLIC KEY-----", end = "-----END PUBLIC KEY-----";
+  size_t b = pem.find(begin), e = pem.find(end);
+  if (b == std::string::npos || e == std::string::npos || e < b) {
+    fail(kExitInput, path + ": not a PEM public key (the .pub file of `bdp keys new`)");
+  }
+  std::string der = base64_decode(pem.substr(b + begin.size(), e - b - begin.size()), path);
+  static const unsigned char kPrefix[12] = {0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00};
+  if (der.size() != 44 || std::memcmp(der.data(), kPrefix, sizeof(kPrefix)) != 0) {
+    fail(kExitInput, path + ": not an Ed25519 public key");
+  }
+  return der.substr(12);
+}
+
+// libcrypto, opened at run time.
+struct Crypto {
+  void* handle = nullptr;
+  void* (*pkey_new_raw_public_key)(int, void*, const unsigned char*, size_t) = nullptr;
+  void (*pkey_free)(void*) = nullptr;
+  void* (*md_ctx_new)() = nullptr;
+  void (*md_ctx_free)(void*) = nullptr;
+  int (*digest_verify_init)(void*, void**, const void*, void*, void*) = nullptr;
+  int (*digest_verify)(void*, const unsigned char*, size_t, const unsigned char*, size_t) = nullptr;
+  const void* (*sha256)() = nullptr;
+  int (*digest)(const void*, size_t, unsigned char*, unsigned int*, const void*, void*) = nullptr;
+
+  Crypto() {
+    for (const char* name : {"libcrypto.so.3", "libcrypto.so"}) {
+      handle = ::dlopen(name, RTLD_NOW | RTLD_LOCAL);
+      if (handle) break;
+    }
+    if (!handle) {
+      fail(kExitInput, "--trust needs OpenSSL's libcrypto.so.3, which is not installed (apt install libssl3)");
+    }
+    sym(pkey_new_raw_public_key, "EVP_PKEY_new_raw_public_key");
+    sym(pkey_free, "EVP_PKEY_free");
+    sym(md_ctx_new, "EVP_MD_CTX_new");
+    sym(md_ctx_free, "EVP_MD_CTX_free");
+    sym(digest_verify_init, "EVP_DigestVerifyInit");
+    sym(digest_verify, "EVP_DigestVerify");
+    sym(sha256, "EVP_sha256");
+    sym(digest, "EVP_Digest");
+  }
+  template <typename F>
+  void sym(F& f, const char* name) {
+    f = reinterpret_cast<F>(::dlsym(handle, name));
+    if (!f) fail(kExitInput, std::string("libcrypto has no ") + name + " (OpenSSL 1.1.1 or newer needed for --trust)");
+  }
+
+  bool verify_ed25519(const std::string& key, const std::string& sig, const std::string& msg) {
+    constexpr int kEvpPkeyEd25519 = 1087;  // NID_ED25519
+    void* pkey = pkey_new_raw_public_key(kEvpPkeyEd25519, nullptr,
+                                         reinterpret_cast<const unsigned char*>(key.data()), key.size());
+    if (!pkey) fail(kExitInput, "libcrypto refused the public key");
+    void* ctx = md_ctx_new();
+    bool ok = ctx && digest_verify_init(ctx, nullptr, nullptr, nullptr, pkey) == 1 &&
+              digest_verify(ctx, reinterpret_cast<const unsigned char*>(sig.data()), sig.size(),
+                            reinterpret_cast<const unsigned char*>(msg.data()), msg.size()) == 1;
+    if (ctx) md_ctx_free(ctx);
+    pkey_free(pkey);
+    return ok;
+  }
+
+  std::string sha256_hex(const std::string& data) {
+    unsigned char md[32];
+    unsigned int n = 0;
+    if (digest(data.data(), data.size(), md, &n, sha256(), nullptr) != 1 || n != 32) {
+      fail(kExitRuntime, "libcrypto could not compute a sha256");
+    }
+    static const char* hex = "0123456789abcdef";
+    std::string out;
+    for (unsigned char c : md) {
+      out.push_back(hex[c >> 4]);
+      out.push_back(hex[c & 15]);
+    }
+    return out;
+  }
+};
+
+bool safe_bundle_path(const std::string& rel) {
+  if (rel.empty() || rel[0] == '/' || rel.find('\\') != std::string::npos) return false;
+  size_t start = 0;
+  while (true) {
+    size_t slash = rel.find('/', start);
+    std::string part = rel.substr(start, slash == std::string::npos ? std::string::npos : slash - start);
+    if (part.empty() || part == "." || part == "..") return false;
+    if (slash == std::string::npos) return true;
+    start = slash + 1;
+  }
+}
+
+// Refuse the bundle unless manifest.sig verifies over MANIFEST_TEXT with KEY_PATH and every
+// listed file matches its sha256; model.so must be among them.
+void verify_bundle(const std::string& bundle, const std::string& manifest_text, const std::string& key_path) {
+  Crypto crypto;
+  std::string key = read_ed25519_public_key(key_path);
+  std::string sig_path = bundle + "/manifest.sig";
+  struct stat st;
+  if (::stat(sig_path.c_str(), &st) != 0) {
+    fail(kExitInput, bundle + ": not signed (no manifest.sig) but a trust key is given (" + key_path + ")");
+  }
+  std::string sig = base64_decode(read_file(sig_path, kExitInput), sig_path);
+  if (sig.size() != 64) fail(kExitInput, sig_path + ": not an Ed25519 signature");
+  if (!crypto.verify_ed25519(key, sig, manifest_text)) {
+    fail(kExitInput, bundle + ": the manifest's signature does not verify with " + key_path +
+                         " (tampered, or signed with another key)");
+  }
+  ffi::String err;
+  ffi::Any root = ffi::json::Parse(ffi::String(manifest_text), &err);
+  auto files = err.empty() ? get_key(root, "files") : std::nullopt;
+  auto fmap = files ? files->as<ffi::Map<ffi::Any, ffi::Any>>() : std::nullopt;
+  if (!fmap) fail(kExitInput, bundle + "/manifest.json: no \"files\" map to check");
+  bool has_model = false;
+  for (const auto& kv : *fmap) {
+    auto rel = kv.first.as<ffi::String>();
+    auto want = get_key(kv.second, "sha256");
+    auto want_s = want ? want->as<ffi::String>() : std::nullopt;
+    if (!rel || !want_s || !safe_bundle_path(std::string(*rel))) {
+      fail(kExitInput, bundle + "/manifest.json: a \"files\" entry is not a safe path with a sha256");
+    }
+    std::string r(*rel);
+    if (r == "model.so") has_model = true;
+    if (crypto.sha256_hex(read_file(bundle + "/" + r, kExitInput)) != std::string(*want_s)) {
+      fail(kExitInput, bundle + ": " + r + " does not match its sha256 in the signed manifest (tampered or corrupt)");
+    }
+  }
+  if (!has_model) fail(kExitInput, bundle + "/manifest.json: the signed manifest does not list model.so");
+}
+
 void check_input_shape(const Manifest& m, const ffi::Tensor& x, const std::string& path) {
   if (!m.input_shape) return;
   const auto& want = *m.input_shape;
@@ -363,17 +538,19 @@ void flatten_outputs(const ffi::Any& v, std::vector<ffi::Tensor>* out) {
 // ---------------------------------------------------------------- main
 
 struct Args {
-  std::string bundle, input, outdir;
+  std::string bundle, input, outdir, trust;
   long repeat = 0;
   long warmup = 1;
 };
 
 const char* kUsage =
-    "usage: bdp-run [--repeat N] [--warmup N] BUNDLE INPUT.npy OUTDIR\n"
+    "usage: bdp-run [--trust KEY.pub] [--repeat N] [--warmup N] BUNDLE INPUT.npy OUTDIR\n"
     "  Runs BUNDLE/model.so on a float32 .npy and writes OUTDIR/<output name>.npy\n"
     "  for every output listed in BUNDLE/manifest.json.\n"
     "  --repeat N   time N runs; print {\"median_ms\", \"p90_ms\", \"p99_ms\", ...} as one JSON line\n"
-    "  --warmup N   untimed runs before timing (default 1)\n";
+    "  --warmup N   untimed runs before timing (default 1)\n"
+    "  --trust KEY.pub  refuse the bundle unless manifest.sig verifies with this Ed25519 key and\n"
+    "               every file matches its sha256 (default: $BDP_TRUST; uses libcrypto.so.3)\n";
 
 long parse_count(const std::string& opt, const std::string& v, long min) {
   char* end = nullptr;
@@ -403,6 +580,9 @@ Args parse_args(int argc, char** argv) {
       a.repeat = parse_count("--repeat", value("--repeat"), 1);
     } else if (s == "--warmup" || s.rfind("--warmup=", 0) == 0) {
       a.warmup = parse_count("--warmup", value("--warmup"), 0);
+    } else if (s == "--trust" || s.rfind("--trust=", 0) == 0) {
+      a.trust = value("--trust");
+      if (a.trust.empty()) fail(kExitInput, "--trust needs a public key file");
     } else if (s.size() > 1 && s[0] == '-' && s != "-") {
       fail(kExitInput, "unknown option '" + s + "' (see --help)");
     } else {
@@ -413,6 +593,10 @@ Args parse_args(int argc, char** argv) {
   a.bundle = pos[0];
   a.input = pos[1];
   a.outdir = pos[2];
+  if (a.trust.empty()) {
+    const char* env = std::getenv("BDP_TRUST");
+    if (env && *env) a.trust = env;
+  }
   return a;
 }
 
@@ -435,7 +619,9 @@ int run(int argc, char** argv) {
     struct stat st;
     if (::stat(model_path.c_str(), &st) != 0) fail(kExitInput, model_path + " not found: is '" + a.bundle + "' a bdp bundle?");
   }
-  Manifest manifest = read_manifest(manifest_path);
+  std::string manifest_text = read_file(manifest_path, kExitInput);
+  if (!a.trust.empty()) verify_bundle(a.bundle, manifest_text, a.trust);  // before model.so is loaded
+  Manifest manifest = read_manifest(manifest_path, manifest_text);
 
   ffi::Tensor input = read_npy_float32(a.input);
   check_input_shape(manifest, input, a.input);
