@@ -31,7 +31,9 @@ rounds, the first two layer shapes, one model. The output and the JSON (``isa``)
 ISA bdp's kernels use (AVX2, AVX-512 VPOPCNTDQ: the target spec's).
 
 ``--target rpi4`` makes the same two tables for a Raspberry Pi 4 from the Cortex-A72 estimator
-instead of timing (:mod:`bdp.toolchain.bench_rpi4`).
+instead of timing (:mod:`bdp.toolchain.bench_rpi4`). ``--only float-layers`` runs
+:mod:`bdp.toolchain.bench_float` instead: bdp's float (non-binary) layers against onnxruntime,
+speed and round-off; ``--only wild`` the networks from the wild (:mod:`bdp.toolchain.bench_wild`).
 """
 
 from __future__ import annotations
@@ -505,6 +507,16 @@ def run(json_path="bench.json", chart="bench.png", quick=False, only="all", arch
 
         return run_wild(res, json_path, threads=threads, quick=quick, wild_dir=wild_dir, workdir=workdir)
     rounds = 5 if quick else 30
+    if only == "float-layers":  # bdp's float layers vs onnxruntime: toolchain/bench_float.py
+        from .bench_float import FLOAT_TARGET, METHOD, run_float_layers
+
+        fspec = get_target(FLOAT_TARGET)
+        res.update(target={"name": fspec.name, "tvm": fspec.tvm}, method=METHOD)
+        res["float_layers"], res["summary"] = run_float_layers(threads=threads, quick=quick, spec_name=FLOAT_TARGET)
+        print(res["summary"])
+        _write_json(json_path, res)
+        print(f"wrote {json_path}")
+        return res
     if only in ("layers", "all"):
         shapes = LAYER_SHAPES[:2] if quick else LAYER_SHAPES
         res["layers"] = []

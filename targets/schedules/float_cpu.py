@@ -4,6 +4,7 @@ else parallel and vectorized). See :mod:`bdp.targets.schedules` for the design."
 
 from __future__ import annotations
 
+from .float_tile import tile_channels
 from .relayout import (feeds_light_reduction, move_dim_last, phase_split_strided_reads, reads_per_input,
                        relayout_copied, relayout_innermost)
 from .tir_util import (PARALLEL_MIN_ELEMENTS, PARALLEL_MIN_MACS, SCHEDULE_ERRORS, choose_vec, concat_split,
@@ -246,7 +247,7 @@ def schedule_float_cpu(func, spec, const_params=(), debug=False):
 
     lanes = spec.vector_lanes(32)
     regs = spec.vector_registers
-    for attempt in ("tiled", "simple"):
+    for attempt in ("channels", "tiled", "simple"):
         ctx = {"const_params": set(const_params), "relayouts": {}}
         try:
             sch = s_tir.Schedule(func)
@@ -258,7 +259,7 @@ def schedule_float_cpu(func, spec, const_params=(), debug=False):
                 stmt = sch.get(b)
                 if "R" in iter_kinds(stmt) or is_output_block(sch, b):
                     continue
-                if red and has_conditional(stmt.body) and attempt == "tiled" and not feeds_light_reduction(sch, b):
+                if red and has_conditional(stmt.body) and attempt != "simple" and not feeds_light_reduction(sch, b):
                     continue
                 if not inline_is_cheap(sch, b, concats):
                     continue
@@ -267,13 +268,19 @@ def schedule_float_cpu(func, spec, const_params=(), debug=False):
                 except SCHEDULE_ERRORS:
                     pass
             tiled = set()
-            if attempt == "tiled":
+            if attempt != "simple":
                 for b in red:
                     name = sch.get(b).name_hint
-                    if _tile_reduction(sch, b, lanes, regs, ctx):
+                    # constant weights: channel tiles; then vectors over columns, then rows; a
+                    # depthwise conv or pooling too narrow for either: channel tiles of its input
+                    if attempt == "channels" and tile_channels(sch, b, lanes, regs, ctx, vector_input=False):
+                        tiled.update({name, name + "_rf"})
+                    elif _tile_reduction(sch, b, lanes, regs, ctx):
                         tiled.add(name)
                     elif _tile_row_reduction(sch, b, lanes):
                         tiled.add(name + "_rf")
+                    elif attempt == "channels" and tile_channels(sch, b, lanes, regs, ctx):
+                        tiled.update({name, name + "_rf"})
                 if not tiled:
                     continue
             for b in root_blocks(sch):

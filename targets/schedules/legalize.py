@@ -37,3 +37,73 @@ def legalize_conv2d_transpose(bb, call):
                           name="conv2d_transpose_interleave")
 
     return bb.call_te(te_fn, call.args[0], call.args[1], primfunc_name_hint="conv2d_transpose")
+
+
+PAD_POSITIONS = True
+
+
+def legalize_conv2d(spec):
+    """The conv2d legalization for CPU SPEC: TOPI's, except for an NCHW float conv whose
+    channel tiles (:mod:`bdp.targets.schedules.float_tile`) would end in a partial tile of
+    output positions - odd sizes such as 7x7, 13x13, 13x17. Such a conv is computed over its
+    positions (rows x columns, in the bands the tiles use) padded up to whole tiles, from an
+    input padding stage with the few extra zero rows those positions read, then cropped: every
+    tile runs the same straight code, with no bounds check on any position (a partial tile's
+    checks stay inside the reduction loops, and LLVM hoists them out only sometimes: 2x slower
+    when it does not). The conv block carries its tile as the annotation
+    ``bdp.channel_tile = (uv, xt)``."""
+    from tvm.relax.transform.legalize_ops.nn import _nn_conv2d
+
+    from .float_tile import CHANNEL_TILE_ATTR, conv_tile_plan
+
+    lanes, regs = spec.vector_lanes(32), spec.vector_registers
+
+    def legalize(bb, call):
+        a = call.attrs
+        try:
+            n, c, h, w = (int(v) for v in call.args[0].ty.shape.values)
+            m, cg, kh, kw = (int(v) for v in call.args[1].ty.shape.values)
+            sh, sw = (int(v) for v in a.strides)
+            dh, dw = (int(v) for v in a.dilation)
+            pt, pl, pb, pr = (int(v) for v in a.padding)
+            ok = (a.data_layout == "NCHW" and a.kernel_layout == "OIHW" and a.out_layout == "NCHW"
+                  and int(a.groups) == 1 and cg == c and str(call.args[0].ty.dtype) == "float32"
+                  and str(call.args[1].ty.dtype) == "float32" and str(call.ty.dtype) == "float32")
+        except (AttributeError, TypeError, ValueError):  # symbolic shapes, other attributes: TOPI's
+            ok = False
+        if not ok or m % lanes or not PAD_POSITIONS:
+            return _nn_conv2d(bb, call)
+        oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+        ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+        uv, xt, nb = conv_tile_plan(n, m, oh, ow, c * kh * kw, lanes, regs, padded=True)
+        if uv is None or (oh // nb * ow) % xt == 0:
+            return _nn_conv2d(bb, call)
+        rows = oh // nb
+        pband = -(-(rows * ow) // xt) * xt
+        last_row = (nb - 1) * rows + (pband - 1) // ow  # the padded positions' last output row
+        hp = max(h + pt + pb, last_row * sh + dh * (kh - 1) + 1)
+        wp = w + pl + pr
+
+        def te_fn(data, kernel):
+            from tvm import te, tirx
+
+            pad = te.compute(
+                (n, c, hp, wp),
+                lambda b, ci, y, x: tirx.if_then_else(
+                    tirx.all(y >= pt, y < pt + h, x >= pl, x < pl + w), data[b, ci, y - pt, x - pl],
+                    tirx.const(0.0, "float32")), name="pad_temp")
+            rc = te.reduce_axis((0, c), name="rc")
+            ry = te.reduce_axis((0, kh), name="ry")
+            rx = te.reduce_axis((0, kw), name="rx")
+            conv = te.compute(
+                (n, m, nb, pband),
+                lambda b, k, band, p: te.sum(
+                    pad[b, rc, (band * rows + p // ow) * sh + ry * dh, p % ow * sw + rx * dw] * kernel[k, rc, ry, rx],
+                    axis=[rc, ry, rx]),
+                name="conv2d_nchw_padded", attrs={CHANNEL_TILE_ATTR: [uv, xt]})
+            return te.compute((n, m, oh, ow), lambda b, k, y, x: conv[b, k, y // rows, y % rows * ow + x],
+                              name="conv2d_nchw")
+
+        return bb.call_te(te_fn, call.args[0], call.args[1], primfunc_name_hint="conv2d")
+
+    return legalize

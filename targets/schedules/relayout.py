@@ -98,6 +98,43 @@ def move_dim_last(d, nd):
     return IndexMap.from_func(lambda *ax: (*ax[:d], *ax[d + 1:], ax[d]), ndim=nd)
 
 
+def block_dim_map(d, nd, b, order=None):
+    """Dimension D (of ND) cut into blocks of B: the block index first, the other dimensions
+    (in ORDER, original dimension numbers; default: as they are), the offset in the block last
+    (``[M, C, KH, KW]`` -> ``[M/B, KH, KW, C, B]`` for D = 0, ORDER = (2, 3, 1)): a tile of B
+    consecutive indices reads one stream, in the order of ORDER."""
+    from tvm.tirx import IndexMap
+
+    order = _rest_order(d, nd, order)
+    return IndexMap.from_func(lambda *ax: (ax[d] // b, *(ax[i] for i in order), ax[d] % b), ndim=nd)
+
+
+def _rest_order(d, nd, order):
+    return tuple(order) if order is not None else tuple(i for i in range(nd) if i != d)
+
+
+def relayout_array(data, d, block=None, order=None):
+    """Numpy DATA in the layout :func:`move_dim_last` (BLOCK None) or :func:`block_dim_map` make."""
+    import numpy as np
+
+    if block is None:
+        return np.ascontiguousarray(np.moveaxis(data, d, -1))
+    nd = data.ndim
+    shape = list(data.shape)
+    split = data.reshape(shape[:d] + [shape[d] // block, block] + shape[d + 1:])
+    # axes of SPLIT: original i < d -> i, d -> (d, d + 1), i > d -> i + 1
+    ax = {i: (i if i < d else i + 1) for i in range(nd) if i != d}
+    perm = [d] + [ax[i] for i in _rest_order(d, nd, order)] + [d + 1]
+    return np.ascontiguousarray(split.transpose(perm))
+
+
+def relayout_shape(shape, d, block=None, order=None):
+    shape = list(shape)
+    if block is None:
+        return shape[:d] + shape[d + 1:] + [shape[d]]
+    return [shape[d] // block] + [shape[i] for i in _rest_order(d, len(shape), order)] + [block]
+
+
 def relayout_plan(stmt, u_var):
     """[(read index, buffer, dim, ndim)] of the reads indexed by U_VAR, or None when one of them
     uses it other than as ``u (+ unit-extent reduction iters)`` in a single dimension."""
@@ -151,7 +188,7 @@ def relayout_innermost(sch, block, u_var, ctx):
 
     A parameter that is a constant at every call site (weights) is re-laid out at compile time:
     the PrimFunc's parameter changes layout and ``ctx["relayouts"]`` records it for the Relax
-    call sites. Any other read gets a copy (``cache_read``, or its producer in this function)
+    call sites (``pidx -> (dim, ndim, None, None)``). Any other read gets a copy (``cache_read``, or its producer in this function)
     stored with that dimension innermost. Either way a vector over U is one contiguous load.
     """
     plan = relayout_plan(sch.get(block), u_var)
@@ -166,7 +203,7 @@ def relayout_innermost(sch, block, u_var, ctx):
         pidx = next((i for i, q in enumerate(params) if buf.same_as(q)), None)
         if pidx is not None and pidx in ctx.get("const_params", ()) and pidx not in ctx["relayouts"]:
             sch.transform_layout(block, ("read", idx), move_dim_last(d, nd))
-            ctx["relayouts"][pidx] = (d, nd)
+            ctx["relayouts"][pidx] = (d, nd, None, None)
             continue
         prod = [p for p in sch.get_producers(block) if any(w.source.same_as(buf) for w in sch.get(p).writes)]
         pblk = prod[0] if prod else sch.cache_read(block, idx, "global")
@@ -211,12 +248,12 @@ def constant_args(calls):
 
 
 def rewrite_constant_args(mod, relayouts):
-    """Re-lay out the constant arguments of the call_tir sites named in RELAYOUTS.
+    """Re-lay out the constant arguments of the call_tir sites named in RELAYOUTS (PrimFunc name
+    -> {argument index: (dim, ndim, block, order)}: :func:`relayout_array`).
 
     The PrimFuncs' parameter types changed, so they get new GlobalVars (same names) carrying
     the new types, and the call sites are rebuilt with them and the permuted constants.
     """
-    import numpy as np
     import tvm
     import tvm_ffi
     from tvm import relax
@@ -228,10 +265,9 @@ def rewrite_constant_args(mod, relayouts):
         if not plan or not isinstance(f, tvm.tirx.PrimFunc) or not isinstance(gv.ty, relax.FuncType):
             continue
         params = list(gv.ty.params)
-        for i, (d, _) in plan.items():
+        for i, (d, _, blk, order) in plan.items():
             old = params[i]
-            shape = [int(v) for v in old.shape.values]
-            shape = shape[:d] + shape[d + 1:] + [shape[d]]
+            shape = relayout_shape([int(v) for v in old.shape.values], d, blk, order)
             params[i] = relax.TensorType(relax.ShapeExpr(shape), old.dtype)
         ngv = tvm.ir.GlobalVar(gv.name_hint)
         relax.expr._update_type(ngv, relax.FuncType(params, gv.ty.ret, gv.ty.purity))
@@ -244,9 +280,8 @@ def rewrite_constant_args(mod, relayouts):
         if name not in new_gvs:
             return c
         fields = list(c.args[1].fields)
-        for i, (d, _) in relayouts[name].items():
-            data = fields[i].value.numpy()
-            fields[i] = relax.const(np.ascontiguousarray(np.moveaxis(data, d, -1)))
+        for i, (d, _, blk, order) in relayouts[name].items():
+            fields[i] = relax.const(relayout_array(fields[i].value.numpy(), d, blk, order))
         return tvm.ir.Call(c.op, [new_gvs[name], relax.Tuple(fields), *c.args[2:]], c.attrs, list(c.ty_args),
                            c.span, ret_ty=c.ty)
 
