@@ -9,7 +9,8 @@ from .relayout import (feeds_light_reduction, move_dim_last, phase_split_strided
                        relayout_copied, relayout_innermost)
 from .tir_util import (PARALLEL_MIN_ELEMENTS, PARALLEL_MIN_MACS, SCHEDULE_ERRORS, choose_vec, concat_split,
                        extent, fuse_consumers, has_conditional, inline_is_cheap, is_output_block, iter_kinds,
-                       loops_below, par_fuse, region_vars, root_blocks, schedule_injective, vars_in, vectorize_if)
+                       loops_below, par_fuse, region_vars, root_blocks, schedule_injective, spatial_then_reduction, vars_in,
+                       vectorize_if)
 
 def schedule_concat(sch, block, lanes, plan):
     """Split a concatenation's axis into N chunks of G (each chunk reads one piece), move the
@@ -98,14 +99,10 @@ def _tile_reduction(sch, block, lanes, regs, ctx):
     1/32 scale): that other axis is the vector, its operands get a copy with it innermost, and
     a few x positions are unrolled.
     """
-    stmt = sch.get(block)
-    kinds = iter_kinds(stmt)
-    loops = sch.get_loops(block)
-    if len(loops) != len(kinds) or "O" in kinds or not kinds.startswith("S") or "R" not in kinds:
+    found = spatial_then_reduction(sch, block)
+    if found is None:
         return False
-    ns = len(kinds) - len(kinds.lstrip("S"))
-    if "S" in kinds[ns:]:
-        return False
+    stmt, kinds, loops, ns = found
     svars = [iv.var for iv in stmt.iter_vars[:ns]]
     s_loops, r_loops = list(loops[:ns]), list(loops[ns:])
     macs = 1

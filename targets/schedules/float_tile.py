@@ -31,7 +31,7 @@ import math
 
 from .relayout import block_dim_map, move_dim_last, relayout_plan
 from .tir_util import (PARALLEL_MIN_MACS, SCHEDULE_ERRORS, extent, fuse_consumers, iter_kinds, loops_below,
-                       par_fuse)
+                       par_fuse, spatial_then_reduction)
 
 FMA_LATENCY = 4.0  # cycles between dependent FMAs (4 on Intel since Skylake and on Zen 3, 5 on Zen 2)
 BROADCAST_FP = 0.5  # FP pipe slots of a broadcast from memory (Zen 3)
@@ -324,13 +324,11 @@ def tile_channels(sch, block, lanes, regs, ctx, vector_input=True):
     not apply (the schedule is then unchanged, except where a primitive failed: the caller
     starts over). VECTOR_INPUT: also blocks whose input is indexed by the channels (depthwise
     convs, pooling)."""
-    stmt = sch.get(block)
-    kinds = iter_kinds(stmt)
-    loops = sch.get_loops(block)
-    if len(loops) != len(kinds) or "O" in kinds or not kinds.startswith("S") or "R" not in kinds:
+    found = spatial_then_reduction(sch, block)
+    if found is None:
         return False
-    ns = len(kinds) - len(kinds.lstrip("S"))
-    if "S" in kinds[ns:] or len(stmt.writes) != 1:
+    stmt, kinds, loops, ns = found
+    if len(stmt.writes) != 1:
         return False
     svars = [iv.var for iv in stmt.iter_vars[:ns]]
     region = stmt.writes[0].region

@@ -60,6 +60,20 @@ def iter_kinds(block_stmt):
                    for iv in block_stmt.iter_vars)
 
 
+def spatial_then_reduction(sch, block):
+    """(stmt, kinds, loops, ns) for a block whose loops are ``S...S R...R`` (NS spatial ones
+    first, at least one reduction, no opaque iterator), else None."""
+    stmt = sch.get(block)
+    kinds = iter_kinds(stmt)
+    loops = sch.get_loops(block)
+    if len(loops) != len(kinds) or "O" in kinds or not kinds.startswith("S") or "R" not in kinds:
+        return None
+    ns = len(kinds) - len(kinds.lstrip("S"))
+    if "S" in kinds[ns:]:
+        return None
+    return stmt, kinds, loops, ns
+
+
 def vars_in(expr):
     import tvm_ffi
     from tvm import tirx
