@@ -51,7 +51,7 @@ def test_sample_alpha_factors_out_and_packs():
 def test_channel_alpha_stays_float_with_reason():
     final, rep = run_pipeline(_export("channel"), "default")
     assert [n.op_type for n in final.graph.node].count("BinaryConv") == 0
-    reasons = [r for _, (o, r) in rep.left_float.items() if o == "Conv" and "per-channel activation scale" in r]
+    reasons = [r for _, (o, r) in rep.left_float.items() if o == "Conv" and "per-channel or per-element activation scale" in r]
     assert len(reasons) == 2, rep.left_float
 
 
