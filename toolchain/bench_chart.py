@@ -80,6 +80,9 @@ def _latency_panel(ax, labels, cols, title):
     if log:
         ax.set_xscale("log")
         ax.set_xlim(min(vals) / 1.6, max(vals) * 5)
+        from matplotlib.ticker import FuncFormatter
+
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))  # "10", not "10^1"
     elif vals:
         ax.set_xlim(0, max(vals) * 1.35)
     ax.set_xlabel("latency per run (ms, median)" + (", log scale" if log else ""), fontsize=9)
@@ -108,12 +111,18 @@ def _speedup_panel(ax, labels, cols, target, target_text):
     lo = min(sp_all + [1.0]) / 1.5
     hi = max(sp_all + [target or 1.0, 2.0]) * 2.2
     ax.set_xlim(lo, hi)
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}x"))  # "2x", not "2 x 10^0"
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks([t for t in (0.5, 1, 2, 3, 4, 6, 8, 10, 15, 20, 30, 50, 100) if lo <= t <= hi])
     ax.axvline(1.0, color="#444", linestyle=":", linewidth=1)
     ax.text(1.0, 1.0, " 1x ", transform=ax.get_xaxis_transform(), ha="right", va="bottom", fontsize=8, color="#444")
     if target:
         ax.axvline(target, color="#c0392b", linestyle="--", linewidth=1.2)
-        ax.text(target, 1.0, f" {target_text}", transform=ax.get_xaxis_transform(), ha="left", va="bottom",
-                fontsize=8, color="#c0392b")
+        right = math.log(target / lo) > 0.6 * math.log(hi / lo)  # near the right edge: the label goes left
+        ax.text(target, 1.0, f" {target_text} " if right else f" {target_text}", transform=ax.get_xaxis_transform(),
+                ha="right" if right else "left", va="bottom", fontsize=8, color="#c0392b")
     ax.set_yticks(range(len(labels)), [""] * len(labels))
     ax.set_ylim(len(labels) - 0.5, -0.5)
     ax.set_xlabel("speed-up of bdp (x times faster, log scale; 1x = as fast)", fontsize=9)
