@@ -22,13 +22,21 @@ import onnx_graphsurgeon as gs
 
 from . import binarizers
 from .core import register_pass
-from .graph import const_value, from_gs, scalar_value, to_gs
+from .graph import attr_str, const_value, from_gs, scalar_value, to_gs
 from .ops import BINARY_CONV, DOMAIN, pack_signs
+
+
+def own_pads(conv: gs.Node):
+    """A 2-D Conv's own padding [t, l, b, r] (zeros for auto_pad VALID), or None for SAME_* auto_pad."""
+    auto_pad = attr_str(conv.attrs.get("auto_pad"), "NOTSET")
+    if auto_pad not in ("NOTSET", "VALID"):
+        return None
+    return [int(p) for p in conv.attrs.get("pads", [0, 0, 0, 0])] if auto_pad == "NOTSET" else [0] * 4
 
 
 def _pad_attrs(pad: gs.Node):
     """(value, [t, l, b, r]) of a constant Pad on H/W only, else None."""
-    if pad.attrs.get("mode", "constant") not in ("constant", b"constant"):
+    if attr_str(pad.attrs.get("mode"), "constant") != "constant":
         return None
     pads = const_value(pad.inputs[1]) if len(pad.inputs) > 1 else None
     if pads is None:
@@ -225,12 +233,9 @@ def _try_fuse(graph, conv, report, pass_name):
     if ss is None:
         return "input is binarized but the weights are not +/-alpha per output channel"
     wsign, alpha = ss
-    auto_pad = conv.attrs.get("auto_pad", "NOTSET")
-    if isinstance(auto_pad, bytes):
-        auto_pad = auto_pad.decode()
-    if auto_pad not in ("NOTSET", "VALID"):
-        return f"auto_pad={auto_pad} (run shape inference / export with explicit pads)"
-    conv_pads = [int(p) for p in conv.attrs.get("pads", [0, 0, 0, 0])] if auto_pad == "NOTSET" else [0] * 4
+    conv_pads = own_pads(conv)
+    if conv_pads is None:
+        return f"auto_pad={attr_str(conv.attrs.get('auto_pad'))} (run shape inference / export with explicit pads)"
     if any(conv_pads) and pad_value != 0.0:
         return "Pad with a non-zero value followed by a Conv with its own zero padding"
     pads = [a + b for a, b in zip(pre_pads, conv_pads)]

@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 
 from . import binarizers
 from .core import register_pass
-from .graph import const_value, from_gs, ints as _ints, to_gs
+from .graph import attr_str, const_value, from_gs, ints as _ints, to_gs
 
 
 def _pads_4d(pad: gs.Node):
@@ -66,15 +66,14 @@ def binary_conv1d(model, report):
         pads4 = None
         if pad is not None:
             pads4 = _pads_4d(pad)
-            if pads4 is None or pad.attrs.get("mode", "constant") not in ("constant", b"constant"):
+            if pads4 is None or attr_str(pad.attrs.get("mode"), "constant") != "constant":
                 report.leave(name, "Conv", "binarized 1-D convolution behind a Pad that is not a constant pad with "
                                            "constant pads; runs in float")
                 continue
         a = conv.attrs
         attrs = {"kernel_shape": [1, int(w.shape[2])], "strides": [1] + _ints(a.get("strides"), 1, 1),
                  "dilations": [1] + _ints(a.get("dilations"), 1, 1), "group": int(a.get("group", 1))}
-        auto_pad = a.get("auto_pad", "NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        auto_pad = attr_str(a.get("auto_pad"), "NOTSET")
         if auto_pad == "NOTSET":
             p = _ints(a.get("pads"), 2, 0)
             attrs["pads"] = [0, p[0], 0, p[1]]

@@ -24,8 +24,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import binarizers
+from .binary_conv import own_pads
 from .core import register_pass
-from .graph import attr_str, const_value, from_gs, ints, to_gs
+from .graph import attr_str, const_value, from_gs, to_gs
 
 MOVES = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Slice", "Gather", "Tile", "Expand",
          "DepthToSpace", "SpaceToDepth"}
@@ -45,10 +46,10 @@ def _commutes(node: gs.Node, b: binarizers.Binarized) -> bool:
         mode = attr_str(node.attrs.get("mode"), "constant")
         if mode in ("edge", "reflect", "wrap"):
             return True
-        if node.outputs and node.outputs[0].outputs and all(
-                c.op == "Conv" and c.inputs and c.inputs[0] is node.outputs[0] and not any(ints(c.attrs.get("pads"), 1, 0))
-                and attr_str(c.attrs.get("auto_pad"), "NOTSET") in ("NOTSET", "VALID")
-                for c in node.outputs[0].outputs):
+        y = node.outputs[0] if node.outputs else None
+        if y is not None and y.outputs and all(
+                c.op == "Conv" and c.inputs and c.inputs[0] is y and (p := own_pads(c)) is not None and not any(p)
+                for c in y.outputs):
             return False  # sign -> Pad -> unpadded Conv: fuse-binary-conv folds the Pad into the packed conv
         v = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else np.zeros(1)
         return v is not None and np.asarray(v).size == 1 and float(np.asarray(v).reshape(-1)[0]) in (b.scale, -b.scale)
