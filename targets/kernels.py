@@ -70,6 +70,8 @@ class BinaryConvParams:
     in_words: bool = False  # X is this kernel's packed words [N, G, CW, H, W], made by its own
     # pack function (:func:`pack_te`) that Relax fuses with the producers (resize, concatenation)
     out_mode: str = "float"  # "float": scale*D + bias; "sign": ±1 float; "bits": packed uint8
+    word_bits: int = 0  # bits per packed word chosen for the target (:func:`bdp.targets.schedules.binary_word`);
+    # 0: the target-independent rule of ``word``
 
     @property
     def k(self):
@@ -86,8 +88,15 @@ class BinaryConvParams:
 
     @property
     def word(self):
-        """Bits per packed word: 64, or 32/16/8 when that saves enough padding bits on a narrow
-        group (fewer lanes per word are worth a little less: the weights below)."""
+        """Bits per packed word: ``word_bits`` when the target chose it, else 64, or 32/16/8 when
+        that saves enough padding bits on a narrow group (fewer lanes per word are worth a little
+        less: the weights below)."""
+        if self.word_bits:
+            return self.word_bits
+        return self.default_word
+
+    @property
+    def default_word(self):
         eff = {64: 1.0, 32: 0.9, 16: 0.8, 8: 0.7}
         return min((-(-self.cg // b) * b / eff[b], -b, b) for b in eff)[2]
 
@@ -155,6 +164,10 @@ class BinaryConvParams:
     def binary_macs(self):
         oh, ow = self.out_hw
         return self.n * self.m * oh * ow * self.cg * self.kh * self.kw
+
+    def __post_init__(self):
+        if self.word_bits not in (0, 8, 16, 32, 64):
+            raise ValueError(f"word_bits {self.word_bits}: expected 0, 8, 16, 32 or 64")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

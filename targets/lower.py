@@ -19,7 +19,7 @@ import onnx
 from bdp.errors import InputError, UnsupportedOpError
 
 from .kernels import BDP_KERNEL_ATTR
-from .options import DEFAULT
+from .options import DEFAULT, CompileOptions
 
 
 def _const(expr, what):
@@ -50,6 +50,8 @@ class LoweringPlan:
 
     links: dict = field(default_factory=dict)
     pack_apart: set = field(default_factory=set)
+    spec: object = None  # the TargetSpec (None: target-independent word sizes)
+    options: CompileOptions = DEFAULT
 
     @classmethod
     def of(cls, model: onnx.ModelProto, spec=None, options=DEFAULT) -> "LoweringPlan":
@@ -58,7 +60,7 @@ class LoweringPlan:
         apart = set()
         if spec is not None and fuses_epilogues(spec, options) and options.pack_apart:
             apart = pack_apart(model)
-        return cls(plan_links(model), apart)
+        return cls(plan_links(model), apart, spec, options)
 
 
 def plan_links(model: onnx.ModelProto) -> dict:
@@ -144,6 +146,10 @@ def _binary_conv_converter(plan: LoweringPlan):
             )
             if c % p.group or p.m % p.group:
                 raise InputError(f"{name}: channels {c} -> {p.m} not divisible by group {p.group}")
+            if plan.spec is not None and plan.spec.kind == "cpu":
+                from .schedules import binary_word
+
+                p = dataclasses.replace(p, word_bits=binary_word(p, plan.spec, plan.options))
             if name in plan.pack_apart and not in_channels:
                 pp = p
                 x = bb.emit_te(lambda X: pack_te(X, pp), x, primfunc_name_hint="bdp_pack",
@@ -237,8 +243,13 @@ def build(mod, spec, progress=None, options=DEFAULT):
         mod = schedule_module(mod, spec, options)  # else scheduled inside the pipeline, after fusion
     if progress:
         progress("tvm build")
+    tir = "default"
+    if spec.kind == "cpu" and options.stack_buffers:
+        from .tir_pipeline import register
+
+        tir = register()
     with target:
-        ex = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(spec, target, options))
+        ex = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(spec, target, options), tir_pipeline=tir)
     return ex
 
 

@@ -16,19 +16,22 @@ class CompileOptions:
     pack_apart: bool = True  # a binary conv fed by a concatenation/resize packs in a function of its own
     bits_in_tile: bool = True  # packed-bit outputs straight from the accumulator registers
     binary_orient: str = "auto"  # binary conv register tile: "auto", "x" (columns) or "k" (channels)
+    binary_word: str = "auto"  # bits per packed word of binary convs: "auto" (per target and layer) or 8/16/32/64
+    stack_buffers: bool = True  # small per-tile buffers (register tiles) on the stack, not TVM workspace calls
     fast_exp: bool = True  # vector polynomial exp/sigmoid instead of one expf call per lane
     schedule_debug: bool = False  # raise a float schedule's error instead of falling back to a simpler one
 
-    _CHOICES = {"binary_orient": ("auto", "x", "k")}
+    _CHOICES = {"binary_orient": ("auto", "x", "k"), "binary_word": ("auto", "8", "16", "32", "64")}
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if f.type in ("bool", bool) and not isinstance(v, bool):
                 raise InputError(f"compile option {f.name}={v!r}: expected true or false")
-        orient = self.binary_orient
-        if orient not in self._CHOICES["binary_orient"]:
-            raise InputError(f"compile option binary_orient={orient!r}: expected one of auto, x, k")
+        for name, choices in self._CHOICES.items():
+            v = getattr(self, name)
+            if str(v) not in choices:
+                raise InputError(f"compile option {name}={v!r}: expected one of {', '.join(choices)}")
 
     @classmethod
     def parse(cls, pairs) -> "CompileOptions":

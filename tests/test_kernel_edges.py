@@ -41,7 +41,8 @@ def test_binary_conv_edge_cases(c, m, group, k, h, w, pads, pv, stride):
                               [numpy_helper.from_array(wb, "wb"), numpy_helper.from_array(sc, "sc"),
                                numpy_helper.from_array(b, "b")])
     model = attach_functions(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10))
-    ex = build(import_onnx(model, {"x": list(x.shape)}), get_target("x86"))
+    spec = get_target("x86")
+    ex = build(import_onnx(model, {"x": list(x.shape)}, spec), spec)
     y = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     ref = binary_conv_reference(x, wb, sc, b, **attrs)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4)

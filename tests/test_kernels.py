@@ -69,7 +69,8 @@ def build_and_run(model, x, target, options=None):
     from bdp.targets.options import DEFAULT
     from bdp.targets.spec import get_target
 
-    ex = build(import_onnx(model, {"x": list(x.shape)}), get_target(target), options=options or DEFAULT)
+    spec, options = get_target(target), options or DEFAULT
+    ex = build(import_onnx(model, {"x": list(x.shape)}, spec, options), spec, options=options)
     return relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
 
 
@@ -115,6 +116,19 @@ def test_binary_conv_exact_forced_orientation(case, orient):
 
     model, x, want, (sc, b), _ = binary_conv_model(*case, seed=1)
     assert_exact(build_and_run(model, x, "x86", CompileOptions(binary_orient=orient)), want, sc, b)
+
+
+@pytest.mark.parametrize("word", ["8", "16", "32"])
+@pytest.mark.parametrize("case", [GRID[i] for i in (0, 2, 3, 8, 9, 12)], ids=lambda c: f"c{c[1]}m{c[2]}")
+def test_binary_conv_exact_forced_word(case, word):
+    """Every word size on any group (the targets pick 16-bit words on NEON and on AVX2's wide
+    rows, 64-bit ones elsewhere: binary_word), both orientations where the channels allow."""
+    from bdp.targets.options import CompileOptions
+
+    model, x, want, (sc, b), _ = binary_conv_model(*case, seed=2)
+    for orient in ("x", "k"):
+        got = build_and_run(model, x, "x86-avx2", CompileOptions(binary_word=word, binary_orient=orient))
+        assert_exact(got, want, sc, b)
 
 
 def test_x86_assembly_uses_vector_popcount():

@@ -83,14 +83,14 @@ thread wake-up, and far more on a busy machine when a worker has been deschedule
 
 from __future__ import annotations
 
-from .binary_cpu import binary_conv_plan, schedule_binary_cpu, schedule_pack_cpu
+from .binary_cpu import binary_conv_plan, binary_word, schedule_binary_cpu, schedule_pack_cpu
 from .binary_cuda import register_cuda_popcount, schedule_binary_cuda
 from .float_cpu import schedule_float_cpu
 from .pipeline import (bdp_kernel_params, float_schedule_pass, fuses_epilogues, relax_pipeline, schedule_binary_conv,
                        schedule_module)
 from .tir_util import PARALLEL_MIN_BINARY_MACS, PARALLEL_MIN_ELEMENTS, PARALLEL_MIN_MACS
 
-__all__ = ["binary_conv_plan", "schedule_binary_cpu", "schedule_pack_cpu", "register_cuda_popcount",
+__all__ = ["binary_conv_plan", "binary_word", "schedule_binary_cpu", "schedule_pack_cpu", "register_cuda_popcount",
            "schedule_binary_cuda", "schedule_float_cpu", "bdp_kernel_params", "float_schedule_pass",
            "fuses_epilogues", "relax_pipeline", "schedule_binary_conv", "schedule_module",
            "PARALLEL_MIN_BINARY_MACS", "PARALLEL_MIN_ELEMENTS", "PARALLEL_MIN_MACS"]

@@ -13,6 +13,42 @@ from .tir_util import (PARALLEL_MIN_BINARY_MACS, PARALLEL_MIN_ELEMENTS, SCHEDULE
 class PlanError(RuntimeError):
     """A kernel's loops are not what its plan expects (a bug in bdp's schedule, not the input)."""
 
+NARROW_WORD = 16  # a packed word of 16 bits: NEON's cnt + uadalp add popcounts into 16-bit lanes
+NARROW_X_MIN_COLUMNS = 64  # AVX2: 16-bit words along the columns only for rows this wide (whole vectors)
+
+
+def binary_word(p, spec, options=DEFAULT) -> int:
+    """Bits per packed word of binary conv P on the CPU target SPEC (``BinaryConvParams.word_bits``).
+
+    The popcount of a word is cheapest where the counts stay in narrow lanes:
+
+    - NEON (``neon-cnt``): ``cnt`` counts bytes and ``uadalp`` adds byte pairs into 16-bit
+      accumulator lanes; 64-bit words would widen every count to 64 bits (two more ``uaddlp``
+      per vector). So 16-bit words (narrower ones where the group is narrower), 16-bit
+      accumulators while the sum fits (``acc_dtype``).
+    - AVX2: the nibble-table popcount (``vpshufb``) is the same for every word size, a 64-bit
+      word adds one ``vpsadbw``; 16-bit words in orientation x on rows of whole vectors
+      (16 columns, at least NARROW_X_MIN_COLUMNS wide) fill every lane with a column, elsewhere
+      64-bit words with the output channels in the lanes (orientation k) do better (measured:
+      README, performance).
+    - AVX-512 VPOPCNTDQ and scalar ``popcnt``: 64-bit words (one instruction per word).
+
+    Depthwise convs keep their byte words. The option ``binary_word`` forces a size."""
+    default = p.default_word
+    if p.depthwise:
+        return 0
+    if options.binary_word != "auto":
+        return int(options.binary_word)
+    isa = spec.popcount_isa
+    if isa == "neon-cnt":
+        return min(default, NARROW_WORD)
+    if isa == "avx2":
+        _, ow = p.out_hw
+        if default >= NARROW_WORD and ow % spec.vector_lanes(NARROW_WORD) == 0 and ow >= NARROW_X_MIN_COLUMNS:
+            return NARROW_WORD
+    return 0
+
+
 def binary_conv_plan(p, spec, options=DEFAULT) -> dict:
     """The tiling of one binary conv on a CPU target: orientation and tile sizes."""
     vl = spec.vector_lanes(p.word)
@@ -22,9 +58,12 @@ def binary_conv_plan(p, spec, options=DEFAULT) -> dict:
     k_ok = mg % vl == 0
     # x tile: the widest power of two up to a register that divides OW (no ragged vectors)
     xv = next(v for v in (vl, vl // 2, vl // 4, vl // 8, 8, 4, 2, 1) if v <= vl and ow % v == 0)
+    # k where the column tile falls short of a register (measured on NEON and AVX2; where it is not
+    # measured, AVX-512, k only below half a register) or the row is short
+    short = xv < vl if spec.popcount_isa in ("neon-cnt", "avx2") else 2 * xv < vl
     if force in ("x", "k"):
         orient = force if (force == "x" or k_ok) else "x"
-    elif k_ok and (2 * xv < vl or ow < 4 * xv):
+    elif k_ok and (short or ow < 4 * xv):
         orient = "k"
     else:
         orient = "x"
