@@ -16,16 +16,23 @@ from bdp.targets.devices import aarch64
 
 from test_kernels import GRID, assert_exact
 
+# beside the grid: rows wide enough for x tiles of several vectors (4 x 4 here), and a k tile of
+# 4 vectors of channels x 4 columns (the rpi4's register tiles, binary_conv_plan)
+ARM_CASES = GRID + [
+    (1, 32, 24, 3, 1, 1, (1, 1, 1, 1), 1, 0.0, 0.0, 5, 64),
+    (1, 48, 64, 3, 1, 1, (1, 1, 1, 1), 1, 1.0, 0.1, 6, 12),
+]
+
 
 def _grid_model(seed=3):
     """One model: input x [1, C, H, W] (the grid's largest), per case a Slice to the case's
     channels and size and one bdp.BinaryConv; outputs y0..yN. Returns (model, x, [(want, sc, b)])."""
     rng = np.random.default_rng(seed)
-    cmax = max(c[1] for c in GRID)
-    hmax, wmax = max(c[10] for c in GRID), max(c[11] for c in GRID)
+    cmax = max(c[1] for c in ARM_CASES)
+    hmax, wmax = max(c[10] for c in ARM_CASES), max(c[11] for c in ARM_CASES)
     x = rng.standard_normal((1, cmax, hmax, wmax)).astype(np.float32)
     nodes, inits, outs, refs = [], [], [], []
-    for i, (_, c, m, k, s, d, pads, g, pv, thr, h, w) in enumerate(GRID):
+    for i, (_, c, m, k, s, d, pads, g, pv, thr, h, w) in enumerate(ARM_CASES):
         kh, kw = (k, k) if isinstance(k, int) else k
         st = (s, s) if isinstance(s, int) else s
         dl = (d, d) if isinstance(d, int) else d
@@ -65,7 +72,7 @@ def test_kernel_grid_exact_on_rpi4_under_qemu(tmp_path):
     path = tmp_path / "grid.onnx"
     onnx.save(model, path)
     bundle = bdp.compile(str(path), target="rpi4", out=str(tmp_path / "rpi4"), input_shape=x.shape)
-    names = [f"y{i}" for i in range(len(GRID))]
+    names = [f"y{i}" for i in range(len(ARM_CASES))]
     got = aarch64.run_bundle(bundle, x, names)
     for name, (want, sc, b) in zip(names, wants):
         assert_exact(got[name], want, sc, b)
@@ -82,7 +89,10 @@ def test_grid_covers_rpi4_words_and_orientations():
     from test_kernels import _params_of
 
     spec = get_target("rpi4")
-    params = [_params_of(c) for c in GRID]
+    params = [_params_of(c) for c in ARM_CASES]
     params = [dataclasses.replace(p, word_bits=binary_word(p, spec)) for p in params]
     assert {p.word for p in params if not p.depthwise} == {8, 16}
-    assert {binary_conv_plan(p, spec)["orient"] for p in params if p.word == 16 and not p.depthwise} == {"x", "k"}
+    plans = [binary_conv_plan(p, spec) for p in params if p.word == 16 and not p.depthwise]
+    assert {pl["orient"] for pl in plans} == {"x", "k"}
+    assert any(pl["orient"] == "x" and pl["xv"] == 4 * pl["vl"] for pl in plans)
+    assert any(pl["orient"] == "k" and pl["kt"] == 4 * pl["vl"] for pl in plans)
