@@ -38,6 +38,7 @@ speed and round-off; ``--only wild`` the networks from the wild (:mod:`bdp.toolc
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 import os
@@ -247,7 +248,7 @@ def bench_layer(c, h, w, *, threads, rounds, slow_rounds, spec):
     from bdp.passes import run_pipeline
     from bdp.targets.kernels import BinaryConvParams
     from bdp.targets.lower import build, import_onnx
-    from bdp.targets.schedules import binary_conv_plan
+    from bdp.targets.schedules import binary_conv_plan, binary_word
 
     row = {"shape": [c, h, w], "c_in": c, "c_out": c, "h": h, "w": w, "kernel": 3,
            "binary_macs": c * c * 9 * h * w}
@@ -260,10 +261,11 @@ def bench_layer(c, h, w, *, threads, rounds, slow_rounds, spec):
     ops = [n.op_type for n in final.graph.node]
     if ops != ["BinaryConv"]:
         raise RuntimeError(f"the binary layer did not become one bdp.BinaryConv: {ops}")
-    ex_bin = build(import_onnx(final, {"x": list(x.shape)}), spec)
+    ex_bin = build(import_onnx(final, {"x": list(x.shape)}, spec), spec)
     row["bdp_compile_s"] = time.perf_counter() - t0
     p = BinaryConvParams(n=1, c=c, h=h, w=w, m=c, kh=3, kw=3, strides=(1, 1), dilations=(1, 1), pads=(1, 1, 1, 1),
                          group=1, act_threshold=0.0, pad_value=0.0)
+    p = dataclasses.replace(p, word_bits=binary_word(p, spec))
     row["bdp_plan"] = dict(binary_conv_plan(p, spec), word=p.word)
     run_bin, out_bin = _vm_callable(ex_bin, x)
 
@@ -272,7 +274,7 @@ def bench_layer(c, h, w, *, threads, rounds, slow_rounds, spec):
     row["bdp_max_rel_diff_vs_onnxruntime"] = float(np.abs(got - ref_bin).max() / max(1e-12, np.abs(ref_bin).max()))
 
     ort_float = ort_session(float_model, threads)
-    ex_sched = build(import_onnx(float_model, {"x": list(x.shape)}), spec)
+    ex_sched = build(import_onnx(float_model, {"x": list(x.shape)}, spec), spec)
     run_sched, out_sched = _vm_callable(ex_sched, x)
     want_f = ort_float.run(None, {"x": x})[0]
     row["tvm_scheduled_max_rel_diff"] = float(np.abs(out_sched() - want_f).max() / np.abs(want_f).max())

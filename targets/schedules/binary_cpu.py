@@ -51,8 +51,9 @@ def binary_word(p, spec, options=DEFAULT) -> int:
 
 # ISAs whose register tiles are chosen for the fewest loads per popcount (several vectors of
 # columns in orientation x, up to 4 vectors of channels in k): measured on the Cortex-A72
-# estimator; elsewhere the tiles of before (one vector of columns, at most two of channels)
-WIDE_TILES = ("neon-cnt",)
+# estimator and on AVX2 (Zen 3); elsewhere (AVX-512, not measured since) the tiles of before (one
+# vector of columns, at most two of channels)
+WIDE_TILES = ("neon-cnt", "avx2")
 
 
 def binary_conv_plan(p, spec, options=DEFAULT) -> dict:
