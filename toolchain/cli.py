@@ -337,7 +337,7 @@ def export_cmd(model, out, input_shape, plain, trust_model):
 @click.option("--no-reference", is_flag=True, help="leave the float reference.onnx out of the bundle")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="compile option (repeatable): float_schedule, pack_apart, bits_in_tile, binary_orient=auto|x|k, "
-                   "fast_exp, schedule_debug; see README")
+                   "binary_word=auto|8|16|32|64, stack_buffers, fast_exp, schedule_debug; see README")
 @click.option("--trust-model", is_flag=True, help=TRUST_HELP)
 @click.option("--force", is_flag=True, help="replace OUT (and OUT.passes/) even when it is a folder bdp did not write, "
               "deleting everything in it")
