@@ -157,6 +157,30 @@ def _llvm_source(ex, fmt):
     return "\n".join(md.inspect_source(fmt) for md in _modules(ex.mod) if md.kind == "llvm")
 
 
+@pytest.mark.parametrize("target", ["x86-avx2", "rpi4"])
+def test_tile_buffers_stay_off_the_workspace(target):
+    """The register tiles (a binary conv's accumulators, its pack stage's word) are stack buffers
+    that LLVM keeps in registers, not one TVMBackendAllocWorkspace call per tile; with the option
+    stack_buffers=false TVM's own lowering comes back (so the check can fail)."""
+    from bdp.targets.lower import build, import_onnx
+    from bdp.targets.options import CompileOptions
+    from bdp.targets.spec import get_target
+
+    model, x, _, _, _ = binary_conv_model(1, 64, 64, 3, 1, 1, (1, 1, 1, 1), 1, 0.0, 0.0, 8, 16)
+    spec = get_target(target)
+
+    def workspace_buffers(options):
+        ex = build(import_onnx(model, {"x": list(x.shape)}, spec, options), spec, options=options)
+        ll = _llvm_source(ex, "ll")
+        return set(re.findall(r"%(\w+) = tail call ptr %\w+\(i32 1, i32 %dev_id", ll))
+
+    off = workspace_buffers(CompileOptions(stack_buffers=False))
+    assert {"bdp_popcount_local", "bdp_pack_local"} <= off, off
+    on = workspace_buffers(CompileOptions())
+    assert not any(b.endswith("_local") for b in on), on
+    assert on <= off
+
+
 # ---------------------------------------------------------------------------------------------
 # float schedules
 
