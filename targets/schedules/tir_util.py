@@ -235,6 +235,9 @@ def par_fuse(sch, loops):
     return fused
 
 
+PARALLEL_MIN_ROWS = 64  # enough rows to share among threads without splitting the rows
+
+
 def schedule_injective(sch, block, lanes, min_parallel_work=PARALLEL_MIN_ELEMENTS):
     """Parallel over the outer loops, vectorized innermost loop."""
     loops = sch.get_loops(block)
@@ -269,9 +272,15 @@ def schedule_injective(sch, block, lanes, min_parallel_work=PARALLEL_MIN_ELEMENT
     if v is None and iext is not None and iext > 2 * lanes:
         v = lanes  # ragged tail
     outer = list(loops[:-1])
+    rows = 1
+    for lp in outer:
+        rows *= extent(sch, lp) or 1
     if v is not None and v != iext:
         io, ii = sch.split(inner, [None, v])
-        outer.append(io)
+        if rows < PARALLEL_MIN_ROWS:
+            outer.append(io)
+        # else the row's vectors stay a serial loop inside each parallel row: what depends on
+        # the row only (a resize's source rows and weights, a broadcast) is computed once per row
         inner = ii
     if v is not None:
         sch.vectorize(inner)
