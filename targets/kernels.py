@@ -355,7 +355,16 @@ def binary_conv_te(X, Wp, scale, bias, Dt, p: BinaryConvParams, thresholds=None)
     P = te.compute((p.n, p.m, oh, p.ow_padded), popc, name="bdp_popcount",
                    attrs={"bdp.params": p.to_json()})
     total = cg * p.kh * p.kw
-    edt = "int64" if acc == "int64" else "int32"
+    # D = Dt - 2*P is an integer. For the ±1 / packed-bit outputs, while every value it takes (and
+    # Dt's) is below 2^24 in magnitude, the threshold test flip*D >= T runs in float32, exactly:
+    # TVM's Relax frontend builds TE functions with int64 indices and turns every int32 in them
+    # into int64, and LLVM cannot narrow the product back (64-bit lanes, scalar 64-bit multiplies
+    # on NEON). The float output converts D to float anyway (LLVM narrows that one to int32).
+    bound = total * (1.0 + abs(p.pad_value - 1.0)) + 2 * p.cw * p.word * p.kh * p.kw
+    if p.out_mode != "float" and bound < 2 ** 24:
+        edt = "float32"
+    else:
+        edt = "int64" if acc == "int64" else "int32"
     two = tirx.const(2, edt)
 
     if Dt is not None:
@@ -388,7 +397,7 @@ def binary_conv_te(X, Wp, scale, bias, Dt, p: BinaryConvParams, thresholds=None)
 
     flip, tt = thresholds
 
-    def plus(n, m, y, x):  # the output bit is +1: flip[m] * D >= T[m], all integer
+    def plus(n, m, y, x):  # the output bit is +1: flip[m] * D >= T[m], integers (exact in float32)
         return flip[m].astype(edt) * dval(n, m, y, x) >= tt[m].astype(edt)
 
     if p.out_mode == "sign":
