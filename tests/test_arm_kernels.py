@@ -11,10 +11,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import bdp
-from bdp.passes.ops import attach_functions, binary_conv_reference, make_binary_conv_node, pack_signs
+from bdp.passes.ops import attach_functions, binary_conv_reference, make_binary_conv_node
 from bdp.targets.devices import aarch64
 
-from test_kernels import GRID, assert_exact
+from test_kernels import GRID, assert_exact, case_layer
 
 # beside the grid: rows wide enough for x tiles of several vectors (4 x 4 here), and a k tile of
 # 4 vectors of channels x 4 columns (the rpi4's register tiles, binary_conv_plan)
@@ -33,19 +33,11 @@ def _grid_model(seed=3):
     x = rng.standard_normal((1, cmax, hmax, wmax)).astype(np.float32)
     nodes, inits, outs, refs = [], [], [], []
     for i, (_, c, m, k, s, d, pads, g, pv, thr, h, w) in enumerate(ARM_CASES):
-        kh, kw = (k, k) if isinstance(k, int) else k
-        st = (s, s) if isinstance(s, int) else s
-        dl = (d, d) if isinstance(d, int) else d
         xi = x[:, :c, :h, :w].copy()
         ties = rng.random(xi.shape) < 0.05
         xi[ties] = thr  # exact ties at the threshold read as +1
         x[:, :c, :h, :w] = np.where(ties, thr, x[:, :c, :h, :w])
-        ws = np.where(rng.standard_normal((m, c // g, kh, kw)) >= 0, 1.0, -1.0)
-        wb = pack_signs(ws)
-        sc = ((rng.random(m) + 0.1) * np.where(rng.random(m) < 0.2, -1, 1)).astype(np.float32)
-        b = rng.standard_normal(m).astype(np.float32)
-        attrs = dict(kernel_shape=[kh, kw], strides=list(st), dilations=list(dl), pads=list(pads), group=g,
-                     pad_value=pv, act_threshold=thr)
+        wb, sc, b, attrs = case_layer(rng, c, m, k, s, d, pads, g, pv, thr)
         inits += [numpy_helper.from_array(np.array([0, 0, 0], np.int64), f"st{i}"),
                   numpy_helper.from_array(np.array([c, h, w], np.int64), f"en{i}"),
                   numpy_helper.from_array(np.array([1, 2, 3], np.int64), f"ax{i}"),

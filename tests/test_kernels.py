@@ -37,20 +37,26 @@ GRID = [
 ]
 
 
-def binary_conv_model(n, c, m, k, s, d, pads, g, pv, thr, h, w, seed=0):
-    """(ONNX model with one bdp.BinaryConv, x, reference y, (scale, bias), params)."""
-    rng = np.random.default_rng(seed)
+def case_layer(rng, c, m, k, s, d, pads, g, pv, thr):
+    """Random ±1 weights (packed), scale, bias and the bdp.BinaryConv attributes of one grid case."""
     kh, kw = (k, k) if isinstance(k, int) else k
     st = (s, s) if isinstance(s, int) else s
     dl = (d, d) if isinstance(d, int) else d
-    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
-    x[rng.random(x.shape) < 0.05] = thr  # exact ties at the threshold read as +1
     ws = np.where(rng.standard_normal((m, c // g, kh, kw)) >= 0, 1.0, -1.0)
     wb = pack_signs(ws)
     sc = ((rng.random(m) + 0.1) * np.where(rng.random(m) < 0.2, -1, 1)).astype(np.float32)
     b = rng.standard_normal(m).astype(np.float32)
     attrs = dict(kernel_shape=[kh, kw], strides=list(st), dilations=list(dl), pads=list(pads), group=g,
                  pad_value=pv, act_threshold=thr)
+    return wb, sc, b, attrs
+
+
+def binary_conv_model(n, c, m, k, s, d, pads, g, pv, thr, h, w, seed=0):
+    """(ONNX model with one bdp.BinaryConv, x, reference y, (scale, bias), params)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    x[rng.random(x.shape) < 0.05] = thr  # exact ties at the threshold read as +1
+    wb, sc, b, attrs = case_layer(rng, c, m, k, s, d, pads, g, pv, thr)
     node = make_binary_conv_node("bc", ["x", "wb", "sc", "b"], "y", **attrs)
     graph = helper.make_graph(
         [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
