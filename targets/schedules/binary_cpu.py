@@ -65,9 +65,9 @@ def binary_conv_plan(p, spec, options=DEFAULT) -> dict:
     k_ok = mg % vl == 0
     # x tile: the widest power of two up to a register that divides OW (no ragged vectors)
     xv = next(v for v in (vl, vl // 2, vl // 4, vl // 8, 8, 4, 2, 1) if v <= vl and ow % v == 0)
-    # k where the column tile falls short of a register (measured on NEON and AVX2; where it is not
-    # measured, AVX-512, k only below half a register) or the row is short
-    short = xv < vl if spec.popcount_isa in ("neon-cnt", "avx2") else 2 * xv < vl
+    # k where the column tile falls short of a register (the WIDE_TILES ISAs, where it was
+    # measured; elsewhere, AVX-512, k only below half a register) or the row is short
+    short = xv < vl if spec.popcount_isa in WIDE_TILES else 2 * xv < vl
     if force in ("x", "k"):
         orient = force if (force == "x" or k_ok) else "x"
     elif k_ok and (short or ow < 4 * xv):
