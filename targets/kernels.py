@@ -110,6 +110,12 @@ class BinaryConvParams:
         return (self.cg + self.word - 1) // self.word
 
     @property
+    def popcount_bits(self):
+        """Bits one output's popcount reads: every tap's words, the unused bits of a group's last
+        word included (they are 0 in both operands)."""
+        return self.cw * self.word * self.kh * self.kw
+
+    @property
     def word_dtype(self):
         return f"uint{self.word}"
 
@@ -120,8 +126,7 @@ class BinaryConvParams:
             return "int64"
         if self.depthwise and self.kh * self.kw < 256:
             return "uint8"  # depthwise: at most kH*kW ones are added, no popcount (see popc)
-        bound = self.cw * self.word * self.kh * self.kw
-        if self.word <= 16 and bound < 2 ** 15:
+        if self.word <= 16 and self.popcount_bits < 2 ** 15:
             return "int16"
         return "int32"
 
@@ -360,7 +365,7 @@ def binary_conv_te(X, Wp, scale, bias, Dt, p: BinaryConvParams, thresholds=None)
     # TVM's Relax frontend builds TE functions with int64 indices and turns every int32 in them
     # into int64, and LLVM cannot narrow the product back (64-bit lanes, scalar 64-bit multiplies
     # on NEON). The float output converts D to float anyway (LLVM narrows that one to int32).
-    bound = total * (1.0 + abs(p.pad_value - 1.0)) + 2 * p.cw * p.word * p.kh * p.kw
+    bound = total * (1.0 + abs(p.pad_value - 1.0)) + 2 * p.popcount_bits
     if p.out_mode != "float" and bound < 2 ** 24:
         edt = "float32"
     else:

@@ -34,11 +34,11 @@ def binary_word(p, spec, options=DEFAULT) -> int:
     - AVX-512 VPOPCNTDQ and scalar ``popcnt``: 64-bit words (one instruction per word).
 
     Depthwise convs keep their byte words. The option ``binary_word`` forces a size."""
-    default = p.default_word
     if p.depthwise:
         return 0
     if options.binary_word != "auto":
         return int(options.binary_word)
+    default = p.default_word
     isa = spec.popcount_isa
     if isa == "neon-cnt":
         return min(default, NARROW_WORD)

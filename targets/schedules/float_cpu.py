@@ -9,8 +9,8 @@ from .relayout import (feeds_light_reduction, move_dim_last, phase_split_strided
                        relayout_copied, relayout_innermost)
 from .tir_util import (PARALLEL_MIN_ELEMENTS, PARALLEL_MIN_MACS, SCHEDULE_ERRORS, choose_vec, concat_split,
                        extent, fuse_consumers, has_conditional, inline_is_cheap, is_output_block, iter_kinds,
-                       loops_below, par_fuse, region_vars, root_blocks, schedule_injective, spatial_then_reduction, vars_in,
-                       vectorize_if)
+                       loops_below, loops_extent, par_fuse, region_vars, root_blocks, schedule_injective,
+                       spatial_then_reduction, vars_in, vectorize_if)
 
 def schedule_concat(sch, block, lanes, plan):
     """Split a concatenation's axis into N chunks of G (each chunk reads one piece), move the
@@ -28,10 +28,7 @@ def schedule_concat(sch, block, lanes, plan):
     outer = list(loops[:axis]) + [i] + list(loops[axis + 1:-1])
     inner = loops[-1]
     sch.reorder(*outer, o, inner)
-    total = 1
-    for lp in outer:
-        total *= extent(sch, lp) or 1
-    work = total * n * (extent(sch, inner) or 1)
+    work = loops_extent(sch, outer) * n * (extent(sch, inner) or 1)
     if work >= PARALLEL_MIN_ELEMENTS:
         par_fuse(sch, outer)
     sch.unroll(o)
@@ -105,9 +102,7 @@ def _tile_reduction(sch, block, lanes, regs, ctx):
     stmt, kinds, loops, ns = found
     svars = [iv.var for iv in stmt.iter_vars[:ns]]
     s_loops, r_loops = list(loops[:ns]), list(loops[ns:])
-    macs = 1
-    for lp in s_loops + r_loops:
-        macs *= extent(sch, lp) or 1
+    macs = loops_extent(sch, s_loops + r_loops)
     work = macs * _ops_per_step(stmt)  # what decides parallel loops: exps cost more than MACs
     x_loop = s_loops[-1]
     xext = extent(sch, x_loop)
@@ -219,9 +214,7 @@ def _tile_row_reduction(sch, block, lanes):
     v = choose_vec(extent(sch, loops[-1]), lanes)
     if v is None:
         return False
-    work = 1
-    for lp in loops:
-        work *= extent(sch, lp) or 1
+    work = loops_extent(sch, loops)
     ro, ri = sch.split(loops[-1], [None, v])
     rf = sch.rfactor(ri, factor_axis=ns)
     rl = sch.get_loops(rf)

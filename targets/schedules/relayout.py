@@ -4,7 +4,7 @@ permuted constants; by a copy at run time for the others)."""
 
 from __future__ import annotations
 
-from .tir_util import SCHEDULE_ERRORS, extent, iter_kinds, vars_in
+from .tir_util import SCHEDULE_ERRORS, iter_kinds, loops_extent, vars_in
 
 PHASE_SPLIT_MIN_REUSE = 4  # reads per input element that pay for a phase-split copy of its own
 
@@ -63,9 +63,7 @@ def feeds_light_reduction(sch, block):
         stmt = sch.get(c)
         if "R" not in iter_kinds(stmt):
             return False
-        macs = 1
-        for lp in sch.get_loops(c):
-            macs *= extent(sch, lp) or 1
+        macs = loops_extent(sch, sch.get_loops(c))
         reuse = reads_per_input(sch, stmt, macs)
         if reuse is None or reuse >= PHASE_SPLIT_MIN_REUSE:
             return False

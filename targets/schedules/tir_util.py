@@ -53,6 +53,14 @@ def extent(sch, loop):
         return None
 
 
+def loops_extent(sch, loops):
+    """The product of the extents of LOOPS (a loop of unknown extent counts 1)."""
+    total = 1
+    for lp in loops:
+        total *= extent(sch, lp) or 1
+    return total
+
+
 def iter_kinds(block_stmt):
     from tvm import tirx
 
@@ -254,27 +262,17 @@ def schedule_injective(sch, block, lanes, min_parallel_work=PARALLEL_MIN_ELEMENT
             if k != "S":
                 break
             lead.append(lp)
-        total = 1
-        for lp in lead:
-            total *= extent(sch, lp) or 1
-        work = 1
-        for lp in loops:
-            work *= extent(sch, lp) or 1
-        if lead and total >= 2 and work >= min_parallel_work:
+        if lead and loops_extent(sch, lead) >= 2 and loops_extent(sch, loops) >= min_parallel_work:
             par_fuse(sch, lead)
         return
-    total = 1
-    for lp in loops:
-        total *= extent(sch, lp) or 1
+    total = loops_extent(sch, loops)
     inner = loops[-1]
     iext = extent(sch, inner)
     v = choose_vec(iext, lanes)
     if v is None and iext is not None and iext > 2 * lanes:
         v = lanes  # ragged tail
     outer = list(loops[:-1])
-    rows = 1
-    for lp in outer:
-        rows *= extent(sch, lp) or 1
+    rows = loops_extent(sch, outer)
     if v is not None and v != iext:
         io, ii = sch.split(inner, [None, v])
         if rows < PARALLEL_MIN_ROWS:
