@@ -41,11 +41,36 @@ ODD = [
     _conv(16, 32, (13, 17), k=1, s=2, p=0),  # downsampling shortcut
     _conv(64, 16, (5, 7)),  # K = 576: a blocked reduction
     _conv(16, 16, (7, 9), group=16),  # depthwise at a width too narrow for column vectors
+    # padded positions in several bands (tiles of 3 vectors of channels): the crop of each band
+    # once computed a few columns and left the rest unwritten
+    _conv(16, 72, (14, 14)),
+    _conv(3, 96, (32, 32)),
+    _conv(3, 96, (56, 56), k=11, s=4, p=4),  # XNOR-Net / AlexNet stem, 96 channels
     FloatLayer("maxpool 3x3/2", "MaxPool", (1, 16, 15, 13), 0, 3, 2, 0),
     FloatLayer("gemm batch 1", "Gemm", (1, 300), 40),
     FloatLayer("gemm batch 3", "Gemm", (3, 64), 24),
     FloatLayer("matmul", "MatMul", (1, 96), 56),
 ]
+
+
+def _random_convs(n, seed=7):
+    """N convs of random sizes (seeded): output channels any multiple of 8 up to 128 (tiles of
+    1 to 8 vectors), 5-64 pixel sides, 1x1 to 11x11 kernels, strides 1, 2, 4, any padding up
+    to the kernel's half - sizes networks bring that the hand-picked cases above may miss."""
+    rng = np.random.default_rng(seed)
+    out = []
+    while len(out) < n:
+        k = int(rng.choice([1, 3, 5, 7, 11]))
+        s = int(rng.choice([1, 2, 4]))
+        hw = (int(rng.integers(5, 65)), int(rng.integers(5, 65)))
+        if min(hw) < k:
+            continue
+        out.append(_conv(int(rng.choice([3, 8, 16, 24])), 8 * int(rng.integers(1, 17)), hw, k=k, s=s,
+                         p=int(rng.integers(0, k // 2 + 1))))
+    return out
+
+
+ODD += _random_convs(12)
 
 
 @pytest.mark.parametrize("layer", ODD, ids=[lay.name for lay in ODD])

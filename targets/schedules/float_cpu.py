@@ -4,7 +4,7 @@ else parallel and vectorized). See :mod:`bdp.targets.schedules` for the design."
 
 from __future__ import annotations
 
-from .float_tile import tile_channels
+from .float_tile import crop_by_positions, tile_channels
 from .relayout import (feeds_light_reduction, move_dim_last, phase_split_strided_reads, reads_per_input,
                        relayout_copied, relayout_innermost)
 from .tir_util import (PARALLEL_MIN_ELEMENTS, PARALLEL_MIN_MACS, SCHEDULE_ERRORS, choose_vec, concat_split,
@@ -257,6 +257,12 @@ def schedule_float_cpu(func, spec, const_params=(), debug=False):
                     sch.compute_inline(b)
                 except SCHEDULE_ERRORS:
                     pass
+            if attempt == "channels":
+                cropped, changed = crop_by_positions(sch)
+                if changed:  # a fresh schedule of the rewritten function
+                    names = [sch.get(b).name_hint for b in red]
+                    sch = s_tir.Schedule(cropped)
+                    red = [sch.get_sblock(n) for n in names]
             tiled = set()
             if attempt != "simple":
                 for b in red:

@@ -31,7 +31,7 @@ import math
 
 from .relayout import block_dim_map, move_dim_last, relayout_plan
 from .tir_util import (PARALLEL_MIN_MACS, SCHEDULE_ERRORS, extent, fuse_consumers, iter_kinds, loops_below,
-                       par_fuse, spatial_then_reduction)
+                       par_fuse, root_blocks, spatial_then_reduction)
 
 FMA_LATENCY = 4.0  # cycles between dependent FMAs (4 on Intel since Skylake and on Zen 3, 5 on Zen 2)
 BROADCAST_FP = 0.5  # FP pipe slots of a broadcast from memory (Zen 3)
@@ -289,34 +289,89 @@ def _read_dim_order(stmt, read, skip, rank):
     return tuple(d for _, d in sorted(dims))
 
 
-def _padded_epilogue(sch, acc, anchor, ns):
-    """The consumer of a padded conv's tiles (the crop back to rows and columns, with the
-    elementwise ops after it inlined into it): iterated over (band, position) like the conv,
-    under the tile loop ANCHOR, each tile's valid positions after the tile."""
+def _simplify_blocks(func, names):
+    """FUNC with the indices of blocks NAMES (their reads, writes and body) simplified under
+    their iterators' domains, as TVM's StmtSimplify would (which cannot run on the whole
+    function here: it would also fold unit iterators that the schedules read)."""
+    import tvm
+    import tvm_ffi
+    from tvm import s_tir, sym, tirx
+
+    def on_block(block, mutator):
+        block = mutator.default_mutate(block)
+        if block.name_hint not in names:
+            return block
+        an = sym.Analyzer()
+        for iv in block.iter_vars:
+            an.bind(iv.var, iv.dom)
+        simp = an.simplify
+
+        def load(x):
+            return tirx.BufferLoad(x.source, [simp(i) for i in x.indices])
+
+        def store(x):
+            return tirx.BufferStore(x.buffer, x.value, [simp(i) for i in x.indices])
+
+        def region(r):
+            return tirx.BufferRegion(r.source, [tvm.ir.Range.from_min_extent(simp(g.min), simp(g.extent))
+                                                for g in r.region])
+
+        return tvm_ffi.structural_map(block, [(tvm.ir.TensorLoad, load), (tirx.BufferStore, store),
+                                              (tvm.ir.TensorRegion, region)], order="post")
+
+    return tvm_ffi.structural_mutate(func, [(s_tir.SBlock, on_block)])
+
+
+def crop_by_positions(sch):
+    """(PrimFunc, changed): SCH's function with the consumer of every padded conv (a block with
+    ``bdp.channel_tile``; the consumer is the crop back to rows and columns, with the elementwise
+    ops after it inlined into it) iterating over (band, position) as the conv does, its reads of
+    the conv simplified to [band, position]. Run before the schedule proper: TVM's
+    transform_block_layout leaves (h // R, h % R * W + w) unsimplified in the new iterators,
+    and reverse_compute_at then solved the tile's region wrongly (a few columns of each band
+    computed, the rest left unwritten)."""
     from tvm.tirx import IndexMap
 
+    names = []
+    for blk in root_blocks(sch):
+        stmt = sch.get(blk)
+        if not stmt.annotations or CHANNEL_TILE_ATTR not in stmt.annotations:
+            continue
+        conv_buf = stmt.writes[0].source
+        for c in sch.get_consumers(blk):
+            cst = sch.get(c)
+            rd = next((r for r in cst.reads if r.source.same_as(conv_buf)), None)
+            kinds = iter_kinds(cst)
+            ns = len(kinds)
+            if rd is None or "R" in kinds or "O" in kinds or ns < 2 or len(rd.region) != ns:
+                continue
+            h, w = cst.iter_vars[ns - 2].var, cst.iter_vars[ns - 1].var
+            from tvm.sym import detect_linear_equation
+
+            coeff = detect_linear_equation(rd.region[-1].min, [w])
+            rows = int(cst.iter_vars[ns - 2].dom.extent) // int(conv_buf.shape[-2])
+            width = int(cst.iter_vars[ns - 1].dom.extent)
+            if not coeff or int(coeff[0]) != 1 or h is None:
+                continue
+            sch.transform_block_layout(c, IndexMap.from_func(
+                lambda *ax: (*ax[:-2], ax[-2] // rows, ax[-2] % rows * width + ax[-1]), ndim=ns))
+            names.append(cst.name_hint)
+    if not names:
+        return sch.mod["main"], False
+    return _simplify_blocks(sch.mod["main"], set(names)), True
+
+
+def _padded_epilogue(sch, acc, anchor):
+    """The consumer of a padded conv's tiles (made to iterate over (band, position) by
+    :func:`crop_by_positions`) under the tile loop ANCHOR: each tile's valid positions after
+    the tile."""
     for c in sch.get_consumers(acc):
         stmt = sch.get(c)
-        try:
-            rd = next(r for r in stmt.reads if any(r.source.same_as(w.source) for w in sch.get(acc).writes))
-        except StopIteration:
+        if not any(r.source.same_as(w.source) for r in stmt.reads for w in sch.get(acc).writes):
             continue
-        band, posn = rd.region[-2].min, rd.region[-1].min  # h // R, h % R * W + w
-        kinds = iter_kinds(stmt)
-        if len(kinds) != ns or "R" in kinds or "O" in kinds:
+        if "R" in iter_kinds(stmt) or "O" in iter_kinds(stmt):
             continue
-        h, w = stmt.iter_vars[ns - 2].var, stmt.iter_vars[ns - 1].var
-        from tvm.sym import detect_linear_equation
-
-        coeff = detect_linear_equation(posn, [w])
-        rows = int(stmt.iter_vars[ns - 2].dom.extent) // int(sch.get(acc).writes[0].source.shape[-2])
-        width = int(stmt.iter_vars[ns - 1].dom.extent)
-        if not coeff or int(coeff[0]) != 1 or h is None:
-            continue
-        sch.transform_block_layout(c, IndexMap.from_func(
-            lambda *ax: (*ax[:-2], ax[-2] // rows, ax[-2] % rows * width + ax[-1]), ndim=ns))
         sch.reverse_compute_at(c, anchor)
-        del band
 
 
 def tile_channels(sch, block, lanes, regs, ctx, vector_input=True):
@@ -464,7 +519,7 @@ def tile_channels(sch, block, lanes, regs, ctx, vector_input=True):
         sch.transform_layout(main, ("write", 0), move_dim_last(udim, nsp))
     acc_buf = sch.get(block).writes[0].source
     if prefused is not None:
-        _padded_epilogue(sch, acc, acc_at, ns)
+        _padded_epilogue(sch, acc, acc_at)
     fuse_consumers(sch, acc)
     # the write-back: positions outer, the channels of one position inner (one index computation
     # per position)
