@@ -80,6 +80,7 @@ FLOAT_LAYERS = [
     _conv("stem 3x3/2 3->32 @224", 3, 32, 224, k=3, s=2),
     _conv("conv3x3/2 32->64 @112", 32, 64, 112, k=3, s=2),
     _conv("alexnet 11x11/4 3->64 @224", 3, 64, 224, k=11, s=4, p=2),
+    _conv("xnornet 11x11/4 3->96 @224", 3, 96, 224, k=11, s=4, p=4),
     _conv("alexnet 5x5 64->192 @27", 64, 192, 27, k=5),
     # downsampling shortcuts (1x1/2) and 1x1 convs
     _conv("1x1/2 64->128 @56", 64, 128, 56, k=1, s=2, p=0),
@@ -324,8 +325,9 @@ def summarize_float_layers(rows, limit=1.5) -> dict:
            "slowest": max(ok, key=lambda r: r["ratio"])["name"],
            f"over_{limit:g}x": [r["name"] for r in ok if r["ratio"] > limit],
            f"min_times_over_{limit:g}x": [r["name"] for r in ok if r["ratio_min"] > limit],
-           "err_worse_than_onnxruntime": [r["name"] for r in ok if r["bdp_rel_err"] > r["ort_rel_err"]],
-           "rms_err_worse_than_onnxruntime": [r["name"] for r in ok if r["bdp_rms_err"] > r["ort_rms_err"]]}
+           # "not <=": a NaN is worse
+           "err_worse_than_onnxruntime": [r["name"] for r in ok if not r["bdp_rel_err"] <= r["ort_rel_err"]],
+           "rms_err_worse_than_onnxruntime": [r["name"] for r in ok if not r["bdp_rms_err"] <= r["ort_rms_err"]]}
     one = [r for r in ok if r.get("ratio_1t") is not None]
     if one:
         out["geomean_ratio_1t"] = _geomean([r["ratio_1t"] for r in one])

@@ -42,6 +42,7 @@ LARQ_ORDER = ("QuickNet", "QuickNetSmall", "BiRealNet", "BinaryDenseNet28", "Rea
               "XNORNet")
 BREVITAS = ("tfc_1w1a", "sfc_1w1a", "lfc_1w1a", "cnv_1w1a")
 TARGET_BINARY_SHARE, TARGET_RATIO = 0.90, 3.0
+MATCH_REL = 1e-3  # outputs equal the source framework's (or onnxruntime's) to this, relative to their scale
 
 
 def _repo_tests():
@@ -203,7 +204,10 @@ def bench_network(name, onnx_path, x, want, kind, workdir, *, threads, rounds):
     kern = sum(r["total_ms"] for r in per_op) or 1.0
     row["binary_kernel_time_share"] = sum(r["total_ms"] for r in per_op if "binary" in r["op"]) / kern
     row["target_ratio"] = TARGET_RATIO if row["binary_mac_share"] >= TARGET_BINARY_SHARE else 1.0
-    row["meets_target"] = row["ratio"] >= row["target_ratio"] if row["target_ratio"] > 1.0 else row["ratio"] > 1.0
+    # a time of wrong outputs meets nothing
+    row["outputs_match"] = row.get("max_rel_diff_vs_source", row["max_rel_diff_vs_onnxruntime"]) <= MATCH_REL
+    fast = row["ratio"] >= row["target_ratio"] if row["target_ratio"] > 1.0 else row["ratio"] > 1.0
+    row["meets_target"] = fast and row["outputs_match"]
     row["load_average_end"] = list(os.getloadavg())
     return row
 
@@ -227,7 +231,7 @@ def brevitas_networks(names):
 def format_wild(rows) -> str:
     lines = ["binarized networks from the wild, x86, batch 1 (ms: median of interleaved runs; x = ORT FP32 / bdp)",
              f"  {'network':<26} {'input':<14} {'kind':<9} {'packed':>6} {'bin MAC':>7} {'bdp':>9} {'ORT FP32':>9} "
-             f"{'x':>6} {'x(min)':>6} {'target':>6} {'bin kern':>8}"]
+             f"{'x':>6} {'x(min)':>6} {'target':>6} {'bin kern':>8} {'rel err':>8}"]
     for r in rows:
         if "error" in r:
             lines.append(f"  {r['name']:<26} error: {r['error']}")
@@ -237,7 +241,9 @@ def format_wild(rows) -> str:
             f"  {r['name']:<26} {shape:<14} {r['kind']:<9} {r['binary_convs']:>6} {100 * r['binary_mac_share']:6.1f}% "
             f"{r['bdp']['median_ms']:9.2f} {r['onnxruntime_fp32']['median_ms']:9.2f} {r['ratio']:6.2f} "
             f"{r['ratio_min']:6.2f} {('>=' if r['target_ratio'] > 1 else '>') + format(r['target_ratio'], 'g'):>6}"
-            f"{'' if r['meets_target'] else '!':1} {100 * r['binary_kernel_time_share']:7.1f}%")
+            f"{'' if r['meets_target'] else '!':1} {100 * r['binary_kernel_time_share']:7.1f}% "
+            f"{r.get('max_rel_diff_vs_source', r['max_rel_diff_vs_onnxruntime']):8.1e}"
+            f"{'' if r.get('outputs_match', True) else ' WRONG OUTPUTS'}")
     return "\n".join(lines)
 
 
@@ -246,6 +252,7 @@ def summarize_wild(rows) -> dict:
     return {"networks": len(ok), "errors": [r["name"] for r in rows if "error" in r],
             "meet_target": [r["name"] for r in ok if r["meets_target"]],
             "miss_target": [r["name"] for r in ok if not r["meets_target"]],
+            "wrong_outputs": [r["name"] for r in ok if not r.get("outputs_match", True)],
             "ratio": {r["name"]: r["ratio"] for r in ok}}
 
 
