@@ -16,8 +16,8 @@ from bdp.targets.devices import aarch64
 
 from test_kernels import GRID, assert_exact, case_layer
 
-# beside the grid: rows wide enough for x tiles of several vectors (4 x 4 here), and a k tile of
-# 4 vectors of channels x 4 columns (the rpi4's register tiles, binary_conv_plan)
+# beside the grid: a row wide enough for an x tile of 8 vectors of columns, and k tiles of 8
+# vectors of channels x 2 columns (the rpi4's register tiles, binary_conv_plan)
 ARM_CASES = GRID + [
     (1, 32, 24, 3, 1, 1, (1, 1, 1, 1), 1, 0.0, 0.0, 5, 64),
     (1, 48, 64, 3, 1, 1, (1, 1, 1, 1), 1, 1.0, 0.1, 6, 12),
@@ -86,5 +86,7 @@ def test_grid_covers_rpi4_words_and_orientations():
     assert {p.word for p in params if not p.depthwise} == {8, 16}
     plans = [binary_conv_plan(p, spec) for p in params if p.word == 16 and not p.depthwise]
     assert {pl["orient"] for pl in plans} == {"x", "k"}
-    assert any(pl["orient"] == "x" and pl["xv"] == 4 * pl["vl"] for pl in plans)
-    assert any(pl["orient"] == "k" and pl["kt"] == 4 * pl["vl"] for pl in plans)
+    assert any(pl["orient"] == "x" and pl["xv"] >= 4 * pl["vl"] for pl in plans)
+    # k tiles of several vectors of channels, written back over one column and over several
+    assert any(pl["orient"] == "k" and pl["kt"] >= 4 * pl["vl"] and pl["wt"] > 1 for pl in plans)
+    assert any(pl["orient"] == "k" and pl["wt"] == 1 for pl in plans)

@@ -49,6 +49,53 @@ def binary_word(p, spec, options=DEFAULT) -> int:
     return 0
 
 
+def neon_xor_cycles(broadcasts, loads):
+    """Cortex-A72 cycles per 128-bit XOR-popcount of a tile that needs BROADCASTS ``ld1r`` and
+    LOADS loads in all per XOR: ``eor``, ``cnt`` and ``uadalp`` are one uop each on the two
+    NEON pipes (F0/F1), a ``ld1r`` takes a load slot and a NEON uop, a plain vector load a load
+    slot only, one load per cycle. So broadcasts cost NEON throughput, and tiles that share each
+    broadcast across many vectors win, within the load slots."""
+    return max((3.0 + broadcasts) / 2.0, loads)
+
+
+# Cortex-A72 cycles of the output stage per output (int16 count -> float, border correction,
+# scale and bias, store), read from the estimator's hot blocks of the 64- and 256-channel 3x3
+# layers: in orientation x a vector of columns is stored whole; in k each channel lane is stored
+# to its own plane
+NEON_OUTPUT_CYCLES = {"x": 1.5, "k": 2.4}
+
+
+def _neon_plan(p, spec, vl, xv, force):
+    """The NEON (Cortex-A72) tiling: for each orientation the register tile with the fewest
+    modelled cycles per XOR (:func:`neon_xor_cycles`; ties: fewer loads), then the orientation
+    with the fewest modelled cycles per output (the XORs of an output plus its output stage,
+    NEON_OUTPUT_CYCLES). Orientation x: NVEC vectors of columns (powers of two: LLVM splits
+    odd-sized vectors badly) x MT channels, each broadcast weight serving NVEC vectors; k: NK
+    vectors of channels x WT columns, each broadcast activation serving NK vectors."""
+    _, ow = p.out_hw
+    mg = p.mg
+    budget, regs = spec.binary_acc_registers, spec.vector_registers
+    xors = p.kh * p.kw * p.cw / vl  # 128-bit XORs per output
+    plans = []
+    if force != "k":
+        if xv == vl:
+            tiles = [(neon_xor_cycles(1 / v, 1 / m + 1 / v), 1 / m + 1 / v, v, m) for v in (1, 2, 4, 8)
+                     if ow % (v * vl) == 0 for m in (8, 6, 4, 3, 2, 1)
+                     if mg % m == 0 and v * m <= budget and v * m + v + 3 <= regs]
+            cyc, _, nvec, mt = min(tiles)
+        else:  # a part of a register of columns: each XOR does xv / vl of the work
+            mt = divisor(mg, [d for d in (8, 6, 4, 3, 2, 1) if d <= budget]) or 1
+            cyc, nvec = neon_xor_cycles(1.0, 1 / mt + 1.0) * vl / xv, 1
+        plans.append((xors * cyc + NEON_OUTPUT_CYCLES["x"], {"orient": "x", "xv": xv * nvec, "mt": mt, "vl": vl}))
+    if force != "x" and mg % vl == 0:
+        tiles = [(neon_xor_cycles(1 / k, 1 / w + 1 / k), 1 / w + 1 / k, k, w) for k in (1, 2, 4, 8)
+                 if mg % (k * vl) == 0 for w in (8, 7, 6, 5, 4, 3, 2, 1)
+                 if ow % w == 0 and k * w <= budget and k * w + k + 3 <= regs]
+        cyc, _, nk, wt = min(tiles)
+        plans.append((xors * cyc + NEON_OUTPUT_CYCLES["k"], {"orient": "k", "kt": nk * vl, "wt": wt, "vl": vl}))
+    return min(plans, key=lambda t: t[0])[1]
+
+
 # ISAs whose register tiles are chosen for the fewest loads per popcount (several vectors of
 # columns in orientation x, up to 4 vectors of channels in k): measured on the Cortex-A72
 # estimator and on AVX2 (Zen 3); elsewhere (AVX-512, not measured since) the tiles of before (one
@@ -68,6 +115,8 @@ def binary_conv_plan(p, spec, options=DEFAULT) -> dict:
     # k where the column tile falls short of a register (the WIDE_TILES ISAs, where it was
     # measured; elsewhere, AVX-512, k only below half a register) or the row is short
     short = xv < vl if spec.popcount_isa in WIDE_TILES else 2 * xv < vl
+    if spec.popcount_isa == "neon-cnt":
+        return _neon_plan(p, spec, vl, xv, force)
     if force in ("x", "k"):
         orient = force if (force == "x" or k_ok) else "x"
     elif k_ok and (short or ow < 4 * xv):
@@ -262,7 +311,7 @@ def _bits_in_tile(sch, loc, at, p, tile_m):
     return lambda: sch.decompose_reduction(bb, jb)  # after the tile loops are parallel
 
 
-def _register_accumulators(sch, blk, at, p, epilogue, tile_m=0, lanes_last=False, bits_in_tile=True):
+def _register_accumulators(sch, blk, at, p, epilogue, tile_m=0, lanes_last=False, bits_in_tile=True, acc_lanes=0):
     """Keep BLK's accumulators in registers: a local cache of the tile written back (vectorized)
     below loop AT; then the output stage, packed bits or EPILOGUE() for float / ±1 output. Packed
     bits come from the registers (:func:`_bits_in_tile`) when the tile's TILE_M channels are whole
@@ -279,6 +328,17 @@ def _register_accumulators(sch, blk, at, p, epilogue, tile_m=0, lanes_last=False
     else:
         epilogue()
     below = loops_below(sch, loc, at)
+    if lanes_last and below:
+        # orientation k: the write-back runs the columns outer and the channels (the accumulators'
+        # lanes) as vectors of one register (a serial loop over the tile's registers), each lane
+        # stored to its channel's plane; the other way round (vectors over the tile's columns),
+        # every channel went through the stack lane by lane
+        if len(below) == 2:
+            sch.reorder(below[1], below[0])
+            below = [below[1], below[0]]
+        lanes = acc_lanes
+        if lanes and extent(sch, below[-1]) > lanes and extent(sch, below[-1]) % lanes == 0:
+            below = below[:-1] + list(sch.split(below[-1], [None, lanes]))
     vectorize_if(sch, below[-1] if below else None)
     return None
 
@@ -374,7 +434,8 @@ def schedule_binary_cpu(func, p, spec, options=DEFAULT):
     finish = _register_accumulators(sch, blk, mo, p,
                                     lambda: sch.reverse_compute_inline(sch.get_sblock("bdp_binary_conv")),
                                     plan["mt"] if plan["orient"] == "x" else plan["kt"],
-                                    lanes_last=plan["orient"] == "k", bits_in_tile=options.bits_in_tile)
+                                    lanes_last=plan["orient"] == "k", bits_in_tile=options.bits_in_tile,
+                                    acc_lanes=plan["vl"])
     tiles = sch.fuse(n, y, xo)
     if p.binary_macs >= PARALLEL_MIN_BINARY_MACS:
         sch.parallel(tiles)
