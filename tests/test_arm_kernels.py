@@ -87,6 +87,7 @@ def test_grid_covers_rpi4_words_and_orientations():
     plans = [binary_conv_plan(p, spec) for p in params if p.word == 16 and not p.depthwise]
     assert {pl["orient"] for pl in plans} == {"x", "k"}
     assert any(pl["orient"] == "x" and pl["xv"] >= 4 * pl["vl"] for pl in plans)
+    assert any(pl["orient"] == "x" and pl["yt"] > 1 for pl in plans)  # rows in the tile
     # k tiles of several vectors of channels, written back over one column and over several
     assert any(pl["orient"] == "k" and pl["kt"] >= 4 * pl["vl"] and pl["wt"] > 1 for pl in plans)
     assert any(pl["orient"] == "k" and pl["wt"] == 1 for pl in plans)

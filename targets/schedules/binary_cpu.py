@@ -76,17 +76,23 @@ def _neon_plan(p, spec, vl, xv, force):
     mg = p.mg
     budget, regs = spec.binary_acc_registers, spec.vector_registers
     xors = p.kh * p.kw * p.cw / vl  # 128-bit XORs per output
+    oh = p.out_hw[0]
     plans = []
     if force != "k":
         if xv == vl:
-            tiles = [(neon_xor_cycles(1 / v, 1 / m + 1 / v), 1 / m + 1 / v, v, m) for v in (1, 2, 4, 8)
-                     if ow % (v * vl) == 0 for m in (8, 6, 4, 3, 2, 1)
-                     if mg % m == 0 and v * m <= budget and v * m + v + 3 <= regs]
-            cyc, _, nvec, mt = min(tiles)
+            # NVEC vectors of columns in each of YT rows: a broadcast weight serves NVEC * YT
+            # vectors. A single channel (MT 1) measured 12-20% slower than the model says (an
+            # activation load, with its row's address, per XOR): at least 2 where they divide
+            ms = [m for m in (8, 6, 4, 3, 2) if mg % m == 0] or [1]
+            tiles = [(neon_xor_cycles(1 / (v * t), 1 / m + 1 / (v * t)), 1 / m + 1 / (v * t), -t, t, v, m)
+                     for v in (1, 2, 4, 8) if ow % (v * vl) == 0 for t in (1, 2, 4, 8) if oh % t == 0
+                     for m in ms if v * t * m <= budget and v * t * m + v * t + 3 <= regs]
+            cyc, _, _, yt, nvec, mt = min(tiles)
         else:  # a part of a register of columns: each XOR does xv / vl of the work
             mt = divisor(mg, [d for d in (8, 6, 4, 3, 2, 1) if d <= budget]) or 1
-            cyc, nvec = neon_xor_cycles(1.0, 1 / mt + 1.0) * vl / xv, 1
-        plans.append((xors * cyc + NEON_OUTPUT_CYCLES["x"], {"orient": "x", "xv": xv * nvec, "mt": mt, "vl": vl}))
+            cyc, nvec, yt = neon_xor_cycles(1.0, 1 / mt + 1.0) * vl / xv, 1, 1
+        plans.append((xors * cyc + NEON_OUTPUT_CYCLES["x"],
+                      {"orient": "x", "xv": xv * nvec, "mt": mt, "vl": vl, "yt": yt}))
     if force != "x" and mg % vl == 0:
         tiles = [(neon_xor_cycles(1 / k, 1 / w + 1 / k), 1 / w + 1 / k, k, w) for k in (1, 2, 4, 8)
                  if mg % (k * vl) == 0 for w in (8, 7, 6, 5, 4, 3, 2, 1)
@@ -289,7 +295,7 @@ def _sched_bits_cpu(sch, p):
     sch.unroll(j)
 
 
-def _bits_in_tile(sch, loc, at, p, tile_m):
+def _bits_in_tile(sch, loc, at, p, tile_m, tile_rows=1):
     """Packed-bit output straight from the registers: when a tile holds whole bytes of channels
     (TILE_M a multiple of 8), the byte stage moves under tile loop AT and reads the accumulators
     (the write-back LOC is inlined into it), so no int32 tensor reaches memory; 8 channels' bits
@@ -298,8 +304,8 @@ def _bits_in_tile(sch, loc, at, p, tile_m):
     bb = sch.get_sblock("bdp_binary_conv")
     sch.reverse_compute_at(bb, at)
     sch.compute_inline(loc)
-    loops = loops_below(sch, bb, at)  # [bytes, columns, jb], the unit ones dropped
-    nb = 1 if tile_m > 8 else 0
+    loops = loops_below(sch, bb, at)  # [bytes, rows, columns, jb], the unit ones dropped
+    nb = (1 if tile_m > 8 else 0) + (1 if tile_rows > 1 else 0)
     if len(loops) not in (nb + 1, nb + 2) or extent(sch, loops[-1]) != 8:
         raise PlanError(f"bdp: unexpected byte-stage loops {[extent(sch, lp) for lp in loops]}")
     jb = loops[-1]
@@ -311,7 +317,8 @@ def _bits_in_tile(sch, loc, at, p, tile_m):
     return lambda: sch.decompose_reduction(bb, jb)  # after the tile loops are parallel
 
 
-def _register_accumulators(sch, blk, at, p, epilogue, tile_m=0, lanes_last=False, bits_in_tile=True, acc_lanes=0):
+def _register_accumulators(sch, blk, at, p, epilogue, tile_m=0, lanes_last=False, bits_in_tile=True, acc_lanes=0,
+                           tile_rows=1):
     """Keep BLK's accumulators in registers: a local cache of the tile written back (vectorized)
     below loop AT; then the output stage, packed bits or EPILOGUE() for float / ±1 output. Packed
     bits come from the registers (:func:`_bits_in_tile`) when the tile's TILE_M channels are whole
@@ -323,7 +330,7 @@ def _register_accumulators(sch, blk, at, p, epilogue, tile_m=0, lanes_last=False
     sch.reverse_compute_at(loc, at)
     if p.out_mode == "bits":
         if tile_m and tile_m % 8 == 0 and p.m % tile_m == 0 and bits_in_tile:
-            return _bits_in_tile(sch, loc, at, p, tile_m)
+            return _bits_in_tile(sch, loc, at, p, tile_m, tile_rows)
         _sched_bits_cpu(sch, p)
     else:
         epilogue()
@@ -424,8 +431,14 @@ def schedule_binary_cpu(func, p, spec, options=DEFAULT):
     if plan["orient"] == "x":
         mo, mi = sch.split(m, [None, plan["mt"]])
         xo, xi = sch.split(x, [None, plan["xv"]])
-        sch.reorder(n, y, xo, mo, r, s, c, mi, xi)
-        inner = [("unroll", mi), ("vectorize", xi)]
+        yt = plan.get("yt", 1)
+        if yt > 1:  # rows in the tile too: every broadcast weight serves them all
+            y, yi = sch.split(y, [None, yt])
+            sch.reorder(n, y, xo, mo, r, s, c, mi, yi, xi)
+            inner = [("unroll", mi), ("unroll", yi), ("vectorize", xi)]
+        else:
+            sch.reorder(n, y, xo, mo, r, s, c, mi, xi)
+            inner = [("unroll", mi), ("vectorize", xi)]
     else:
         mo, mb, mi = sch.split(m, [None, plan["kt"] // plan["vl"], plan["vl"]])
         xo, xi = sch.split(x, [None, plan["wt"]])
@@ -435,7 +448,7 @@ def schedule_binary_cpu(func, p, spec, options=DEFAULT):
                                     lambda: sch.reverse_compute_inline(sch.get_sblock("bdp_binary_conv")),
                                     plan["mt"] if plan["orient"] == "x" else plan["kt"],
                                     lanes_last=plan["orient"] == "k", bits_in_tile=options.bits_in_tile,
-                                    acc_lanes=plan["vl"])
+                                    acc_lanes=plan["vl"], tile_rows=plan.get("yt", 1))
     tiles = sch.fuse(n, y, xo)
     if p.binary_macs >= PARALLEL_MIN_BINARY_MACS:
         sch.parallel(tiles)
