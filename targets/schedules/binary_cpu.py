@@ -72,11 +72,10 @@ def _neon_plan(p, spec, vl, xv, force):
     NEON_OUTPUT_CYCLES). Orientation x: NVEC vectors of columns (powers of two: LLVM splits
     odd-sized vectors badly) x MT channels, each broadcast weight serving NVEC vectors; k: NK
     vectors of channels x WT columns, each broadcast activation serving NK vectors."""
-    _, ow = p.out_hw
+    oh, ow = p.out_hw
     mg = p.mg
     budget, regs = spec.binary_acc_registers, spec.vector_registers
     xors = p.kh * p.kw * p.cw / vl  # 128-bit XORs per output
-    oh = p.out_hw[0]
     plans = []
     if force != "k":
         if xv == vl:
@@ -118,11 +117,11 @@ def binary_conv_plan(p, spec, options=DEFAULT) -> dict:
     k_ok = mg % vl == 0
     # x tile: the widest power of two up to a register that divides OW (no ragged vectors)
     xv = next(v for v in (vl, vl // 2, vl // 4, vl // 8, 8, 4, 2, 1) if v <= vl and ow % v == 0)
+    if spec.popcount_isa == "neon-cnt":
+        return _neon_plan(p, spec, vl, xv, force)
     # k where the column tile falls short of a register (the WIDE_TILES ISAs, where it was
     # measured; elsewhere, AVX-512, k only below half a register) or the row is short
     short = xv < vl if spec.popcount_isa in WIDE_TILES else 2 * xv < vl
-    if spec.popcount_isa == "neon-cnt":
-        return _neon_plan(p, spec, vl, xv, force)
     if force in ("x", "k"):
         orient = force if (force == "x" or k_ok) else "x"
     elif k_ok and (short or ow < 4 * xv):

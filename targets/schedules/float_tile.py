@@ -330,6 +330,7 @@ def crop_by_positions(sch):
     transform_block_layout leaves (h // R, h % R * W + w) unsimplified in the new iterators,
     and reverse_compute_at then solved the tile's region wrongly (a few columns of each band
     computed, the rest left unwritten)."""
+    from tvm.sym import detect_linear_equation
     from tvm.tirx import IndexMap
 
     names = []
@@ -345,13 +346,11 @@ def crop_by_positions(sch):
             ns = len(kinds)
             if rd is None or "R" in kinds or "O" in kinds or ns < 2 or len(rd.region) != ns:
                 continue
-            h, w = cst.iter_vars[ns - 2].var, cst.iter_vars[ns - 1].var
-            from tvm.sym import detect_linear_equation
-
+            w = cst.iter_vars[ns - 1].var
             coeff = detect_linear_equation(rd.region[-1].min, [w])
             rows = int(cst.iter_vars[ns - 2].dom.extent) // int(conv_buf.shape[-2])
             width = int(cst.iter_vars[ns - 1].dom.extent)
-            if not coeff or int(coeff[0]) != 1 or h is None:
+            if not coeff or int(coeff[0]) != 1:
                 continue
             sch.transform_block_layout(c, IndexMap.from_func(
                 lambda *ax: (*ax[:-2], ax[-2] // rows, ax[-2] % rows * width + ax[-1]), ndim=ns))
