@@ -117,7 +117,9 @@ def binary_conv_plan(p, spec, options=DEFAULT) -> dict:
     k_ok = mg % vl == 0
     # x tile: the widest power of two up to a register that divides OW (no ragged vectors)
     xv = next(v for v in (vl, vl // 2, vl // 4, vl // 8, 8, 4, 2, 1) if v <= vl and ow % v == 0)
-    if spec.popcount_isa == "neon-cnt":
+    if spec.popcount_isa == "neon-cnt" and p.out_mode != "bits":
+        # packed-bit outputs keep the tiles below: their bytes come from the registers when a tile
+        # holds 8 channels (x) and their output stage is not the one NEON_OUTPUT_CYCLES models
         return _neon_plan(p, spec, vl, xv, force)
     # k where the column tile falls short of a register (the WIDE_TILES ISAs, where it was
     # measured; elsewhere, AVX-512, k only below half a register) or the row is short
