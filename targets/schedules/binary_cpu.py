@@ -296,7 +296,7 @@ def _sched_bits_cpu(sch, p):
     sch.unroll(j)
 
 
-def _bits_in_tile(sch, loc, at, p, tile_m, tile_rows=1):
+def _bits_in_tile(sch, loc, at, p, tile_m):
     """Packed-bit output straight from the registers: when a tile holds whole bytes of channels
     (TILE_M a multiple of 8), the byte stage moves under tile loop AT and reads the accumulators
     (the write-back LOC is inlined into it), so no int32 tensor reaches memory; 8 channels' bits
@@ -305,8 +305,8 @@ def _bits_in_tile(sch, loc, at, p, tile_m, tile_rows=1):
     bb = sch.get_sblock("bdp_binary_conv")
     sch.reverse_compute_at(bb, at)
     sch.compute_inline(loc)
-    loops = loops_below(sch, bb, at)  # [bytes, rows, columns, jb], the unit ones dropped
-    nb = (1 if tile_m > 8 else 0) + (1 if tile_rows > 1 else 0)
+    loops = loops_below(sch, bb, at)  # [bytes, columns, jb], the unit ones dropped
+    nb = 1 if tile_m > 8 else 0
     if len(loops) not in (nb + 1, nb + 2) or extent(sch, loops[-1]) != 8:
         raise PlanError(f"bdp: unexpected byte-stage loops {[extent(sch, lp) for lp in loops]}")
     jb = loops[-1]
@@ -318,8 +318,7 @@ def _bits_in_tile(sch, loc, at, p, tile_m, tile_rows=1):
     return lambda: sch.decompose_reduction(bb, jb)  # after the tile loops are parallel
 
 
-def _register_accumulators(sch, blk, at, p, epilogue, tile_m=0, lanes_last=False, bits_in_tile=True, acc_lanes=0,
-                           tile_rows=1):
+def _register_accumulators(sch, blk, at, p, epilogue, tile_m=0, lanes_last=False, bits_in_tile=True, acc_lanes=0):
     """Keep BLK's accumulators in registers: a local cache of the tile written back (vectorized)
     below loop AT; then the output stage, packed bits or EPILOGUE() for float / ±1 output. Packed
     bits come from the registers (:func:`_bits_in_tile`) when the tile's TILE_M channels are whole
@@ -331,7 +330,7 @@ def _register_accumulators(sch, blk, at, p, epilogue, tile_m=0, lanes_last=False
     sch.reverse_compute_at(loc, at)
     if p.out_mode == "bits":
         if tile_m and tile_m % 8 == 0 and p.m % tile_m == 0 and bits_in_tile:
-            return _bits_in_tile(sch, loc, at, p, tile_m, tile_rows)
+            return _bits_in_tile(sch, loc, at, p, tile_m)
         _sched_bits_cpu(sch, p)
     else:
         epilogue()
@@ -449,7 +448,7 @@ def schedule_binary_cpu(func, p, spec, options=DEFAULT):
                                     lambda: sch.reverse_compute_inline(sch.get_sblock("bdp_binary_conv")),
                                     plan["mt"] if plan["orient"] == "x" else plan["kt"],
                                     lanes_last=plan["orient"] == "k", bits_in_tile=options.bits_in_tile,
-                                    acc_lanes=plan["vl"], tile_rows=plan.get("yt", 1))
+                                    acc_lanes=plan["vl"])
     tiles = sch.fuse(n, y, xo)
     if p.binary_macs >= PARALLEL_MIN_BINARY_MACS:
         sch.parallel(tiles)
