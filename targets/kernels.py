@@ -238,6 +238,33 @@ def pack_weights(wbits: np.ndarray, p: BinaryConvParams):
     return np.ascontiguousarray(wp), dt.astype(np.int16 if small else np.int32)
 
 
+def threshold_dtype(p: BinaryConvParams) -> str:
+    """Integer type of the popcount thresholds of P: its accumulator's (int16 for the byte counts
+    of depthwise convs, which are compared widened)."""
+    return "int16" if p.acc_dtype == "uint8" else p.acc_dtype
+
+
+def popcount_thresholds(flip, tt, dt, p: BinaryConvParams):
+    """(A, inv): the ±1 / packed-bit output test ``flip[m] * D >= T[m]`` (:func:`bdp.passes.ops.
+    sign_thresholds`) on ``D = Dt - 2*P`` restated on the popcount P itself, so the kernel
+    compares its integer counts with no conversion:
+
+    - flip +1: ``Dt - 2P >= T``  <=>  ``P <= floor((Dt - T) / 2)``;
+    - flip -1: ``2P - Dt >= T``  <=>  ``P >= ceil((T + Dt) / 2)``  <=>  not ``P <= ceil(...) - 1``.
+
+    So the output is +1 exactly when ``(P <= A[row class, column class, m]) != inv[m]``, with
+    ``Dt`` the border table of :func:`pack_weights` (or ``Cg*kH*kW`` everywhere when it is None:
+    A then has one class). A is clamped to [-1, popcount_bits] (P's range: the test is the same)
+    and typed :func:`threshold_dtype`; inv is uint8 0/1."""
+    total = p.cg * p.kh * p.kw
+    base = dt.astype(np.int64) if dt is not None else np.full((1, 1, p.m), total, np.int64)
+    flip = np.asarray(flip, np.int64).reshape(1, 1, -1)
+    tt = np.asarray(tt, np.int64).reshape(1, 1, -1)
+    a = np.where(flip > 0, np.floor_divide(base - tt, 2), -np.floor_divide(-(tt + base), 2) - 1)
+    a = np.clip(a, -1, p.popcount_bits)
+    return np.ascontiguousarray(a.astype(threshold_dtype(p))), (flip.reshape(-1) < 0).astype(np.uint8)
+
+
 def _class_select(var, classes):
     """A Select chain mapping index VAR to its class (class 0 for every index not listed)."""
     expr = tirx.const(0, "int32")
@@ -307,8 +334,8 @@ def binary_conv_te(X, Wp, scale, bias, Dt, p: BinaryConvParams, thresholds=None)
     """TE compute of the stages; returns the output tensor: float32 [N, M, OH, OW] (``out_mode``
     "float" or "sign") or uint8 [N, ceil(M/8), OH, OW] ("bits").
 
-    ``Dt`` is None when :func:`pack_weights` returned no table. ``thresholds`` is ``(flip, T)``, int32
-    [M] each (:func:`bdp.passes.ops.sign_thresholds`), for the "sign" and "bits" modes.
+    ``Dt`` is None when :func:`pack_weights` returned no table. ``thresholds`` is ``(A, inv)`` of
+    :func:`popcount_thresholds`, for the "sign" and "bits" modes.
 
     Packed bits (the link between two binary convs): byte ``b`` of pixel (n, y, x) holds channels
     ``8b .. 8b+7``, channel ``8b + j`` in bit ``j`` (value ``1 << j``), bit 1 meaning -1; the
@@ -360,36 +387,31 @@ def binary_conv_te(X, Wp, scale, bias, Dt, p: BinaryConvParams, thresholds=None)
     P = te.compute((p.n, p.m, oh, p.ow_padded), popc, name="bdp_popcount",
                    attrs={"bdp.params": p.to_json()})
     total = cg * p.kh * p.kw
-    # D = Dt - 2*P is an integer. For the ±1 / packed-bit outputs, while every value it takes (and
-    # Dt's) is below 2^24 in magnitude, the threshold test flip*D >= T runs in float32, exactly:
-    # TVM's Relax frontend builds TE functions with int64 indices and turns every int32 in them
-    # into int64, and LLVM cannot narrow the product back (64-bit lanes, scalar 64-bit multiplies
-    # on NEON). The float output converts D to float anyway (LLVM narrows that one to int32).
-    bound = total * (1.0 + abs(p.pad_value - 1.0)) + 2 * p.popcount_bits
-    if p.out_mode != "float" and bound < 2 ** 24:
-        edt = "float32"
-    else:
-        edt = "int64" if acc == "int64" else "int32"
+    # the float output: D = Dt - 2*P, an integer, converted to float for the multiply-add (LLVM
+    # narrows the int32 to the vector's lanes); the ±1 / packed-bit outputs test P itself against
+    # integer thresholds (popcount_thresholds), with no conversion at all
+    edt = "int64" if acc == "int64" else "int32"
     two = tirx.const(2, edt)
-
     if Dt is not None:
-        rcls, _, ccls, cpat = border_classes(p)
+        rcls, _, ccls, _ = border_classes(p)
         col_idx = {}
         for i, k in enumerate(ccls):
             if k:
                 col_idx.setdefault(k, []).append(i)
 
-        def dbase(m, y, x):
-            ry = _class_select(y, rcls)
-            expr = Dt[ry, 0, m]
-            for k, idx in sorted(col_idx.items(), reverse=True):
-                cond = tirx.any(*[x == i for i in idx]) if len(idx) > 1 else x == idx[0]
-                expr = tirx.Select(cond, Dt[ry, k, m], expr)
-            return expr.astype(edt)
-    else:
+    def by_class(table, m, y, x):
+        """TABLE[row class of y, column class of x, m] (Select chains on compile-time classes)."""
+        if Dt is None:
+            return table[0, 0, m]
+        ry = _class_select(y, rcls)
+        expr = table[ry, 0, m]
+        for k, idx in sorted(col_idx.items(), reverse=True):
+            cond = tirx.any(*[x == i for i in idx]) if len(idx) > 1 else x == idx[0]
+            expr = tirx.Select(cond, table[ry, k, m], expr)
+        return expr
 
-        def dbase(m, y, x):
-            return tirx.const(total, edt)
+    def dbase(m, y, x):
+        return by_class(Dt, m, y, x).astype(edt) if Dt is not None else tirx.const(total, edt)
 
     def dval(n, m, y, x):
         return dbase(m, y, x) - two * P[n, m, y, x].astype(edt)
@@ -400,10 +422,12 @@ def binary_conv_te(X, Wp, scale, bias, Dt, p: BinaryConvParams, thresholds=None)
 
         return te.compute((p.n, p.m, oh, ow), epi, name="bdp_binary_conv")
 
-    flip, tt = thresholds
+    athr, inv = thresholds
+    tdt = threshold_dtype(p)
 
-    def plus(n, m, y, x):  # the output bit is +1: flip[m] * D >= T[m], integers (exact in float32)
-        return flip[m].astype(edt) * dval(n, m, y, x) >= tt[m].astype(edt)
+    def plus(n, m, y, x):  # the output is +1: (P <= A) != inv, integers (popcount_thresholds)
+        le = P[n, m, y, x].astype(tdt) <= by_class(athr, m, y, x)
+        return tirx.Select(inv[m] == tirx.const(1, "uint8"), tirx.Not(le), le)
 
     if p.out_mode == "sign":
         def epi(n, m, y, x):  # noqa: F811

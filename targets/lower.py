@@ -116,7 +116,7 @@ def _binary_conv_converter(plan: LoweringPlan):
 
     from bdp.passes.ops import sign_thresholds
 
-    from .kernels import BinaryConvParams, binary_conv_te, pack_te, pack_weights
+    from .kernels import BinaryConvParams, binary_conv_te, pack_te, pack_weights, popcount_thresholds
 
     class BinaryConvConverter(OnnxOpConverter):
         @classmethod
@@ -165,7 +165,8 @@ def _binary_conv_converter(plan: LoweringPlan):
                 args.append(relax.const(dt))
             if out_mode != "float":
                 flip, tt = sign_thresholds(sc, bi, float(attr.get("out_threshold", 0.0)), p.k)
-                args += [relax.const(flip.astype(np.int32)), relax.const(tt.astype(np.int32))]
+                athr, inv = popcount_thresholds(flip, tt, dt, p)
+                args += [relax.const(athr), relax.const(inv)]
             has_dt = dt is not None
 
             def te_fn(X, W, S, B, *rest):

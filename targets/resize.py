@@ -69,21 +69,39 @@ def bilinear_te(X, factors):
         return i0, i1, wt
 
     # columns first, on the H input rows (the gathering stage, s_W times fewer values than on
-    # the output rows), then rows: contiguous vector blends of two column-scaled rows
-    def cols(b, ch, y, x):
-        x0, x1, wx = axis_terms(x, sw, w)
-        a = X[b, ch, y, x0]
-        return a + wx * (X[b, ch, y, x1] - a)
+    # the output rows), then rows: contiguous vector blends of two column-scaled rows. The column
+    # stage is laid out [N, C, H, W, sW], phase innermost (the same memory as [N, C, H, sW*W]):
+    # a vector over the phases of one input column reads its three neighbours as broadcasts and
+    # picks per lane (phase) which two it blends - the source indices never vary across a vector,
+    # so there is no gather; the values are exactly those of axis_terms' form
+    if sw > 1:
+        def cols(b, ch, y, i, p):
+            f = (p.astype("float32") + tirx.const(0.5, "float32")) / tirx.const(float(sw), "float32") \
+                - tirx.const(0.5, "float32")
+            neg = f < tirx.const(0.0, "float32")  # phase left of its column: blends i-1 and i
+            xm = X[b, ch, y, te.max(i - 1, 0)]
+            x0 = X[b, ch, y, i]
+            xp = X[b, ch, y, te.min(i + 1, w - 1)]
+            a = tirx.Select(neg, xm, x0)
+            wt = tirx.Select(neg, f + tirx.const(1.0, "float32"), f)
+            wt = tirx.Select(tirx.all(neg, i == 0), tirx.const(0.0, "float32"), wt)  # clamped to in[0]
+            return a + wt * (tirx.Select(neg, x0, xp) - a)
 
-    T = te.compute((n, c, h, ow), cols, name="bdp_resize_cols") if sw > 1 else X
+        T5 = te.compute((n, c, h, w, sw), cols, name="bdp_resize_cols")
+
+        def tread(b, ch, y, x):
+            return T5[b, ch, y, x // sw, x % sw]
+    else:
+        def tread(b, ch, y, x):
+            return X[b, ch, y, x]
 
     def rows(b, ch, y, x):
         y0, y1, wy = axis_terms(y, sh, h)
-        a = T[b, ch, y0, x]
-        return a + wy * (T[b, ch, y1, x] - a)
+        a = tread(b, ch, y0, x)
+        return a + wy * (tread(b, ch, y1, x) - a)
 
     if sh == 1:
-        return T
+        return te.compute((n, c, oh, ow), tread, name="bdp_resize_cols_flat")
     return te.compute((n, c, oh, ow), rows, name="bdp_resize_rows")
 
 

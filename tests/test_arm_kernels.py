@@ -21,6 +21,10 @@ from test_kernels import GRID, assert_exact, case_layer
 ARM_CASES = GRID + [
     (1, 32, 24, 3, 1, 1, (1, 1, 1, 1), 1, 0.0, 0.0, 5, 64),
     (1, 48, 64, 3, 1, 1, (1, 1, 1, 1), 1, 1.0, 0.1, 6, 12),
+    # depthwise tiles of 4 output rows with stride 2 and dilation 2 (a padded row read twice per
+    # kernel column), and of 1 row (odd rows) over a row of three column vectors
+    (1, 16, 16, 3, 2, 2, (2, 2, 2, 2), 16, -1.0, 0.1, 16, 40),
+    (1, 8, 8, 3, 1, 1, (1, 1, 1, 1), 8, 0.0, 0.0, 9, 70),
 ]
 
 
@@ -91,3 +95,7 @@ def test_grid_covers_rpi4_words_and_orientations():
     # k tiles of several vectors of channels, written back over one column and over several
     assert any(pl["orient"] == "k" and pl["kt"] >= 4 * pl["vl"] and pl["wt"] > 1 for pl in plans)
     assert any(pl["orient"] == "k" and pl["wt"] == 1 for pl in plans)
+    # depthwise: tiles of 4, 2 and 1 output rows
+    from bdp.targets.schedules.binary_cpu import depthwise_rows
+
+    assert {depthwise_rows(p, spec) for p in params if p.depthwise} == {1, 2, 4}

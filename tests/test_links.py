@@ -41,6 +41,31 @@ def test_sign_thresholds_match_float32_everywhere():
         assert (flip[scale < 0] == -1).all()
 
 
+@pytest.mark.parametrize("pv", [0.0, 1.0, -1.0, 0.5])
+def test_popcount_thresholds_equal_the_sign_test(pv):
+    """The kernels' test on the popcount, (P <= A[class, m]) != inv[m], is the sign test
+    flip*D >= T on D = Dt - 2P for every count P a layer can produce, every border class (the Dt
+    table of padding values other than +1) and thresholds at and beyond both ends."""
+    from bdp.targets.kernels import BinaryConvParams, pack_weights, popcount_thresholds
+
+    rng = np.random.default_rng(1)
+    p = BinaryConvParams(n=1, c=13, h=5, w=6, m=40, kh=3, kw=3, strides=(1, 1), dilations=(1, 1),
+                         pads=(1, 1, 1, 1), group=1, act_threshold=0.0, pad_value=pv, out_mode="bits",
+                         word_bits=16)
+    ws = np.where(rng.standard_normal((p.m, p.cg, p.kh, p.kw)) >= 0, 1.0, -1.0)
+    _, dt = pack_weights(pack_signs(ws), p)
+    base = dt.astype(np.int64) if dt is not None else np.full((1, 1, p.m), p.k, np.int64)
+    flip = np.where(rng.random(p.m) < 0.5, -1, 1)
+    tt = rng.integers(-3 * p.k, 3 * p.k + 1, p.m)
+    tt[:4] = [-10 ** 6, 10 ** 6, -10 ** 6, 10 ** 6]  # always / never true
+    a, inv = popcount_thresholds(flip, tt, dt, p)
+    assert a.shape == base.shape and a.dtype == np.int16
+    P = np.arange(0, p.popcount_bits + 1).reshape(-1, 1, 1, 1)
+    want = flip * (base[None] - 2 * P) >= tt
+    got = (P <= a[None]) != (inv == 1)
+    assert np.array_equal(got, want)
+
+
 def _layer(name, x, y, m, cin, rng, *, k=3, s=1, d=1, pads=(1, 1, 1, 1), g=1, pv=0.0, thr=0.0):
     ws = np.where(rng.standard_normal((m, cin // g, k, k)) >= 0, 1.0, -1.0)
     sc = ((rng.random(m) + 0.1) * np.where(rng.random(m) < 0.3, -1, 1) / 8).astype(np.float32)

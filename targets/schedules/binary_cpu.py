@@ -271,7 +271,11 @@ def schedule_pack_cpu(func, spec):
     return sch.mod["main"]
 
 
-def _sched_pad_cpu(sch, parallel):
+def _sched_pad_cpu(sch, p, parallel):
+    """The pad stage: rows in parallel; each row's columns partitioned into the left border, the
+    columns that read the input for every phase, and the rest, so that the middle part is a plain
+    copy (its condition and clamps simplify away; LLVM vectorizes it) and only the borders keep
+    the select: byte-wide depthwise rows went through it a byte at a time."""
     try:
         pd = sch.get_sblock("bdp_pad")
     except SCHEDULE_ERRORS:  # no pad stage
@@ -280,6 +284,16 @@ def _sched_pad_cpu(sch, parallel):
     rows = sch.fuse(*loops[:4])
     if parallel:
         sch.parallel(rows)
+    _, l, _, _ = p.pads
+    sw = p.strides[1]
+    q = loops[-1]
+    wq = extent(sch, q)
+    lo = -(-l // sw)  # from here every phase's column is right of the left padding
+    hi = min(wq, (l + p.w - sw + 1) // sw)  # below it every phase's column is inside the row
+    if wq is not None and 0 <= lo < hi <= wq and hi - lo >= 16:
+        parts = [f for f in (lo, hi - lo) if f > 0] + ([None] if hi < wq else [])
+        if len(parts) > 1:  # the last part: what the others leave (TVM's convention)
+            sch.loop_partition(q, parts)
 
 
 def _sched_bits_cpu(sch, p):
@@ -350,16 +364,37 @@ def _register_accumulators(sch, blk, at, p, epilogue, tile_m=0, lanes_last=False
     return None
 
 
-def _depthwise_cpu(sch, p, blk, loops):
+# NEON: output rows per depthwise tile. A tile of YT rows reads each input row once per kernel
+# column for up to kH taps of its rows (LLVM merges the unrolled taps' equal loads) and each
+# broadcast weight serves YT rows: the taps' loads fall from 3 load slots per vector to about 1
+# (estimated on the Cortex-A72, README)
+DEPTHWISE_ROWS = 4
+
+
+def depthwise_rows(p, spec) -> int:
+    """Output rows per tile of depthwise binary conv P on SPEC (1: a row at a time)."""
+    oh, _ = p.out_hw
+    if spec.popcount_isa != "neon-cnt" or p.kh < 2:
+        return 1
+    return next((t for t in (DEPTHWISE_ROWS, 2) if oh % t == 0), 1)
+
+
+def _depthwise_cpu(sch, p, blk, loops, spec):
     """One input channel per group: the taps are 0/1 bytes, added in uint8 (int16 for kernels of
     256+ taps) over vectors of 16/32 output columns kept in registers across every tap (the row is
-    computed rounded up to whole vectors, see ``ow_padded``); the float / ±1 epilogue runs in the
-    same parallel row loop, right after the row's taps (one parallel region less, the row's
-    counts still in L1)."""
+    computed rounded up to whole vectors, see ``ow_padded``), in tiles of
+    :func:`depthwise_rows` rows with the taps unrolled; the float / ±1 epilogue runs in the
+    same parallel row loop, right after the tile's taps (one parallel region less, the counts
+    still in L1)."""
     n, m, y, x, r, s, c = loops
     v = 16 if p.ow_padded <= 16 else 32
     xo, xi = sch.split(x, [None, v])
-    sch.reorder(n, m, y, xo, r, s, c, xi)
+    yt = depthwise_rows(p, spec)
+    if yt > 1:
+        y, yi = sch.split(y, [None, yt])
+        sch.reorder(n, m, y, xo, s, r, c, yi, xi)
+    else:
+        sch.reorder(n, m, y, xo, r, s, c, xi)
     oh, ow = p.out_hw
     parallel = p.n * p.m * oh * ow >= PARALLEL_MIN_ELEMENTS  # a depthwise tap is a byte add
 
@@ -374,8 +409,11 @@ def _depthwise_cpu(sch, p, blk, loops):
         if vx > 1:
             _, exi = sch.split(loops_below(sch, ep, rows)[-1], [None, vx])
             sch.vectorize(exi)
+    if yt > 1:
+        for lp in (r, yi):
+            sch.unroll(lp)
     sch.vectorize(xi)
-    init = sch.decompose_reduction(blk, r)
+    init = sch.decompose_reduction(blk, s if yt > 1 else r)
     sch.vectorize(sch.get_loops(init)[-1])
 
 
@@ -421,11 +459,11 @@ def schedule_binary_cpu(func, p, spec, options=DEFAULT):
     if not p.in_words:
         _sched_pack_cpu(sch, spec.vector_lanes(64), p.n * p.c * p.h * p.w >= 4 * PARALLEL_MIN_ELEMENTS)
     hp, wp = p.padded_hw
-    _sched_pad_cpu(sch, p.n * p.group * p.cw * hp * wp >= PARALLEL_MIN_ELEMENTS)
+    _sched_pad_cpu(sch, p, p.n * p.group * p.cw * hp * wp >= PARALLEL_MIN_ELEMENTS)
     blk = sch.get_sblock("bdp_popcount")
     n, m, y, x, r, s, c = sch.get_loops(blk)
     if p.depthwise:
-        _depthwise_cpu(sch, p, blk, (n, m, y, x, r, s, c))
+        _depthwise_cpu(sch, p, blk, (n, m, y, x, r, s, c), spec)
         _schedule_rest(sch, rest, spec)
         return sch.mod["main"]
     if plan["orient"] == "x":

@@ -54,6 +54,7 @@ def legalize_conv2d(spec):
     ``bdp.channel_tile = (uv, xt)``."""
     from tvm.relax.transform.legalize_ops.nn import _nn_conv2d
 
+    from .float_cpu import columns_first
     from .float_tile import CHANNEL_TILE_ATTR, conv_tile_plan
 
     lanes, regs = spec.vector_lanes(32), spec.vector_registers
@@ -71,7 +72,7 @@ def legalize_conv2d(spec):
                   and str(call.args[1].ty.dtype) == "float32" and str(call.ty.dtype) == "float32")
         except (AttributeError, TypeError, ValueError):  # symbolic shapes, other attributes: TOPI's
             ok = False
-        if not ok or m % lanes or not PAD_POSITIONS:
+        if not ok or m % lanes or not PAD_POSITIONS or columns_first(spec):
             return _nn_conv2d(bb, call)
         oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
         ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1

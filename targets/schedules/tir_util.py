@@ -280,6 +280,18 @@ def schedule_injective(sch, block, lanes, min_parallel_work=PARALLEL_MIN_ELEMENT
         # else the row's vectors stay a serial loop inside each parallel row: what depends on
         # the row only (a resize's source rows and weights, a broadcast) is computed once per row
         inner = ii
+    elif iext in (v, 2) and len(outer) >= 2 and loops_extent(sch, outer[:-1]) >= PARALLEL_MIN_ROWS:
+        # one vector per position of the loop above it (a resize's column stage: the phases of
+        # one input column; a pair of them is a vector too): that loop stays serial inside the
+        # parallel rows, so its index is a counter, not the remainder of a division of the fused
+        # loop's
+        v = iext
+        above = outer.pop()
+        ext = extent(sch, above)
+        u = next((d for d in (4, 2) if ext and ext % d == 0), None)
+        if u and v * u <= 4 * lanes:  # a few of them per iteration: independent work for the pipes
+            _, ui = sch.split(above, [None, u])
+            sch.unroll(ui)
     if v is not None:
         sch.vectorize(inner)
     elif not outer:
