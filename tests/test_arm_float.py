@@ -83,9 +83,9 @@ def _resize_ref(xi, fh, fw):
 
 @pytest.mark.slow
 def test_float_layers_match_on_rpi4_under_qemu(tmp_path):
-    """Every conv and pool equals its float64 reference to float32 round-off (sums of up to 576
-    terms in a different order than x86's blocked ones: 1e-5 of the output's scale), every resize
-    onnxruntime's to round-off."""
+    """Every conv and pool equals its float64 reference to float32 round-off (1e-5 of the
+    output's scale: sums of up to 576 terms, in blocks as on x86 except the short ones of stems),
+    every resize onnxruntime's to round-off."""
     ok, why = aarch64.tools_available()
     assert ok, f"the AArch64 cross toolchain and qemu are part of the test setup (.ci/setup): {why}"
     model, x, refs, resizes = _model()

@@ -46,6 +46,11 @@ ODD = [
     _conv(16, 72, (14, 14)),
     _conv(3, 96, (32, 32)),
     _conv(3, 96, (56, 56), k=11, s=4, p=4),  # XNOR-Net / AlexNet stem, 96 channels
+    # vectors over the output columns (float_cpu.COLUMNS_FIRST): a head of few channels summed
+    # in blocks, a non-overlapping stem (a block per input channel), a 1x1 of a short reduction
+    _conv(240, 8, (9, 16), k=1, p=0),
+    _conv(3, 32, (16, 64), k=4, s=4, p=0),
+    _conv(32, 64, (6, 16), k=1, p=0),
     FloatLayer("maxpool 3x3/2", "MaxPool", (1, 16, 15, 13), 0, 3, 2, 0),
     FloatLayer("gemm batch 1", "Gemm", (1, 300), 40),
     FloatLayer("gemm batch 3", "Gemm", (3, 64), 24),

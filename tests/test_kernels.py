@@ -33,7 +33,10 @@ GRID = [
     (1, 64, 64, 3, 1, 1, (1, 1, 1, 1), 1, 0.0, 0.0, 16, 40),  # wide output
     (1, 16, 16, 5, 1, 1, (2, 2, 2, 2), 1, 0.0, 0.0, 3, 4),  # padding larger than the image
     (1, 96, 48, (3, 1), (2, 1), 1, (1, 0, 1, 0), 1, 0.0, 0.0, 9, 24),  # non-square kernel/stride
-    (1, 32, 32, 7, 1, 1, (3, 3, 3, 3), 32, 0.0, 0.0, 12, 16),  # depthwise 7x7
+    (1, 32, 32, 7, 1, 1, (3, 3, 3, 3), 32, 0.0, 0.0, 12, 16),  # depthwise 7x7 (tiles of 4 rows)
+    # depthwise, stride 2 and dilation 2 (a padded row read twice per kernel column), -1 padding
+    (1, 16, 16, 3, 2, 2, (2, 2, 2, 2), 16, -1.0, 0.1, 16, 40),
+    (1, 8, 8, 3, 1, 1, (1, 1, 1, 1), 8, 0.0, 0.0, 9, 70),  # depthwise, odd rows (one at a time), 3 vectors
 ]
 
 
@@ -106,6 +109,10 @@ def test_grid_covers_every_word_size_and_both_orientations():
     assert {p.word for p in params} == {8, 16, 32, 64}
     for t in ("x86", "x86-avx2"):
         assert {binary_conv_plan(p, get_target(t))["orient"] for p in params} == {"x", "k"}
+    from bdp.targets.schedules.binary_cpu import depthwise_rows
+
+    # depthwise tiles of 4, 2 and 1 output rows on AVX2
+    assert {depthwise_rows(p, get_target("x86-avx2")) for p in params if p.depthwise} == {1, 2, 4}
 
 
 @pytest.mark.parametrize("target", ["x86", "x86-avx2"])

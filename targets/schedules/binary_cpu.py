@@ -364,17 +364,20 @@ def _register_accumulators(sch, blk, at, p, epilogue, tile_m=0, lanes_last=False
     return None
 
 
-# NEON: output rows per depthwise tile. A tile of YT rows reads each input row once per kernel
-# column for up to kH taps of its rows (LLVM merges the unrolled taps' equal loads) and each
-# broadcast weight serves YT rows: the taps' loads fall from 3 load slots per vector to about 1
-# (estimated on the Cortex-A72, README)
+# Output rows per depthwise tile. A tile of YT rows reads each input row once per kernel column
+# for up to kH taps of its rows (LLVM merges the unrolled taps' equal loads) and each broadcast
+# weight serves YT rows: the taps' loads fall from 3 load slots per vector to about 1. 7x7
+# depthwise layers (bnn-baseline's): Cortex-A72 estimate 1.50 -> 0.78 ms at 32x64x80 (with the
+# partitioned pad stage); AVX2 (Zen 3) measured 1.4-1.6x faster at 32x64x80 .. 256x8x10 than
+# one row at a time, 2 rows in between. Elsewhere (AVX-512, not measured) a row at a time.
 DEPTHWISE_ROWS = 4
+DEPTHWISE_ROW_ISAS = ("neon-cnt", "avx2")
 
 
 def depthwise_rows(p, spec) -> int:
     """Output rows per tile of depthwise binary conv P on SPEC (1: a row at a time)."""
     oh, _ = p.out_hw
-    if spec.popcount_isa != "neon-cnt" or p.kh < 2:
+    if spec.popcount_isa not in DEPTHWISE_ROW_ISAS or p.kh < 2:
         return 1
     return next((t for t in (DEPTHWISE_ROWS, 2) if oh % t == 0), 1)
 

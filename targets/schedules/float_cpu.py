@@ -4,7 +4,9 @@ else parallel and vectorized). See :mod:`bdp.targets.schedules` for the design."
 
 from __future__ import annotations
 
-from .float_tile import crop_by_positions, tile_channels
+import math
+
+from .float_tile import BLOCK_MIN_TERMS, _block_count, crop_by_positions, tile_channels
 from .relayout import (feeds_light_reduction, move_dim_last, phase_split_strided_reads, reads_per_input,
                        relayout_copied, relayout_innermost)
 from .tir_util import (PARALLEL_MIN_ELEMENTS, PARALLEL_MIN_MACS, SCHEDULE_ERRORS, choose_vec, concat_split,
@@ -87,23 +89,64 @@ def _parallel_outer(sch, outer, macs):
     par_fuse(sch, keep)
 
 
-# ISAs whose float reductions try vectors over the output columns (orientation "x" of
-# :func:`_tile_reduction`) before the channel tiles of :mod:`.float_tile`: on NEON a channel tile's
-# write-back stores every lane (a channel) to its own plane with its own address, which costs more
-# than the reduction in convs of short dot products (estimated on the Cortex-A72: a 3->32 3x3/2
-# stem 6.1 -> 4.0 ms, a 128->8 1x1 0.44 -> 0.27 ms; at 576 terms about even, 3.7 vs 3.9 MACs per
-# cycle of the FMA pipes' 4); x86 keeps the channel tiles first (measured against onnxruntime).
-# These tiles keep up to half the register file in accumulators: with the A72's 10-cycle FMA
-# chains (llvm-mca's model) 8 accumulators left a 1x1 conv at 2.7 MACs per cycle, 16 at 3.5.
-COLUMNS_FIRST_ISAS = ("neon-cnt",)
+# Float reductions computed with vectors over their output columns (orientation "x" of
+# :func:`_tile_reduction`, summed in the channel tiles' blocks) before the channel tiles of
+# :mod:`.float_tile`, per ISA: a channel tile's write-back stores every lane (a channel) to its own
+# plane with its own address, which costs more than the reduction in short dot products and in
+# layers with few output channels. None: every conv; (K, M): convs of at most K reduction terms
+# or at most M output channels. Measured on Zen 3 (AVX2, 2 threads, vs onnxruntime FP32): a
+# 3->32 3x3/2 stem at 256x320 2.61 -> 0.62 ms (ORT 0.70), 1x1 64->8 at 64x80 1.12 -> 0.14 ms (ORT
+# 0.19), 240->8 4.43 -> 0.42 ms (ORT 0.75), 32->64 1.23 -> 0.41 ms (ORT 0.36); but 3x3 convs of
+# 288-4608 terms and 1x1 convs of 128+ channels to 128+ lost 10-50% (the channel tiles re-lay
+# out the weights for contiguous loads and keep more accumulators): so the limits. Estimated on
+# the Cortex-A72: the stem 6.1 -> 3.7 ms, a 128->8 1x1 0.44 -> 0.27 ms, 3x3 convs of 576+ terms
+# about even (3.5-3.9 MACs per cycle of the FMA pipes' 4): every conv. Never a product whose
+# column axis indexes the constant weights (Gemm, MatMul: strided weight loads). Up to half the
+# register file in accumulators: with the A72's 10-cycle FMA chains (llvm-mca's model) 8
+# accumulators left a 1x1 conv at 2.7 MACs per cycle, 16 at 3.5. Elsewhere (AVX-512, not
+# measured since) the channel tiles first.
+COLUMNS_FIRST = {"neon-cnt": None, "avx2": (64, 16)}
+# Reductions of at least this many terms that the column tiles sum in blocks (the channel tiles'
+# rule, onnxruntime's round-off); default every one. On NEON not the short ones of stems (a block
+# per input channel): their blocks cost the A72 about 15% (estimated: a 3->16 3x3/2 stem at
+# 256x320 2.01 -> 2.31 ms) for round-off already at 1e-7 of the output's scale (27 terms)
+COLUMN_BLOCKS_MIN_TERMS = {"neon-cnt": 2 * BLOCK_MIN_TERMS}
 
 
-def columns_first(spec) -> bool:
-    """Whether float convs on SPEC try vectors over the output columns before channel tiles."""
-    return spec.popcount_isa in COLUMNS_FIRST_ISAS
+def columns_first(spec, k, m) -> bool:
+    """Whether a float conv of K reduction terms and M output channels on SPEC tries vectors
+    over its output columns before channel tiles (COLUMNS_FIRST)."""
+    if spec.popcount_isa not in COLUMNS_FIRST:
+        return False
+    limits = COLUMNS_FIRST[spec.popcount_isa]
+    return limits is None or k <= limits[0] or m <= limits[1]
 
 
-def _tile_reduction(sch, block, lanes, regs, ctx, orients=("x", "u"), acc_budget=0):
+def _columns_first_fits(sch, block, spec, ctx) -> bool:
+    """Whether reduction BLOCK on SPEC tries the column tiles before channel tiles
+    (COLUMNS_FIRST): its column axis reads no constant parameter, and on ISAs with limits its
+    reduction or its output channels (the axis the column-indexed reads ignore) are short."""
+    if spec.popcount_isa not in COLUMNS_FIRST:
+        return False
+    found = spatial_then_reduction(sch, block)
+    if found is None:
+        return False
+    stmt, _, loops, ns = found
+    xvar = stmt.iter_vars[ns - 1].var
+    params = list(sch.mod["main"].params)
+    consts = ctx.get("const_params", ())
+    for r in stmt.reads:
+        pidx = next((i for i, q in enumerate(params) if r.source.same_as(q)), None)
+        if pidx is not None and pidx in consts and any(xvar in vars_in(rg.min) for rg in r.region):
+            return False
+    svars = [iv.var for iv in stmt.iter_vars[:ns]]
+    ui = _pick_unroll_axis(sch, stmt, svars, xvar)
+    m = int(stmt.iter_vars[ui].dom.extent) if ui is not None else 1
+    k = math.prod(int(iv.dom.extent) for iv in stmt.iter_vars[ns:])
+    return columns_first(spec, k, m)
+
+
+def _tile_reduction(sch, block, lanes, regs, ctx, orients=("x", "u"), acc_budget=0, blocked=None):
     """Register-block a reduction block with spatial iters first (conv, matmul, pooling).
 
     Orientation "x": the innermost output axis is the vector (one or two registers), an output
@@ -113,7 +156,9 @@ def _tile_reduction(sch, block, lanes, regs, ctx, orients=("x", "u"), acc_budget
     a few x positions are unrolled.
 
     ORIENTS: the orientations allowed; ACC_BUDGET: vector registers for accumulators (default:
-    about half the register file, less the operands').
+    about half the register file, less the operands'); BLOCKED: orientation x sums a reduction
+    of at least this many terms in blocks as the channel tiles do (:func:`_blocked_columns`;
+    None: never).
     """
     found = spatial_then_reduction(sch, block)
     if found is None:
@@ -130,6 +175,11 @@ def _tile_reduction(sch, block, lanes, regs, ctx, orients=("x", "u"), acc_budget
         return False
     xv = choose_vec(xext, lanes)
     budget = acc_budget or max(4, regs // 2 - 2)
+    nblk = 1
+    k = loops_extent(sch, r_loops)
+    if blocked is not None and k is not None and k >= blocked:
+        r0 = extent(sch, r_loops[0]) or 1
+        nblk = _block_count(r0, k // r0, k)
     ui = _pick_unroll_axis(sch, stmt, svars, svars[-1])
     uext = (extent(sch, s_loops[ui]) or 1) if ui is not None else 1
     orient = "x"
@@ -200,10 +250,12 @@ def _tile_reduction(sch, block, lanes, regs, ctx, orients=("x", "u"), acc_budget
     else:
         xi = x_loop
     inner = ([u_in] if u_in is not None else []) + [xi]
-    sch.reorder(*outer, *r_loops, *inner)
-    loc = sch.cache_write(block, 0, "local")
     if not outer:
         return False
+    if nblk > 1:
+        return _blocked_columns(sch, block, outer, r_loops, inner, u_in, xi, nblk, lanes, work)
+    sch.reorder(*outer, *r_loops, *inner)
+    loc = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(loc, outer[-1])
     fuse_consumers(sch, loc)
     wl = loops_below(sch, loc, outer[-1])
@@ -213,6 +265,49 @@ def _tile_reduction(sch, block, lanes, regs, ctx, orients=("x", "u"), acc_budget
         sch.unroll(u_in)
     vectorize_if(sch, xi)
     sch.decompose_reduction(block, r_loops[0])
+    return True
+
+
+def _blocked_columns(sch, block, outer, r_loops, inner, u_in, xi, nblk, lanes, work):
+    """The column tile of :func:`_tile_reduction` with its reduction summed in NBLK blocks (the
+    outermost reduction loop cut, e.g. a block per input channel of a stem, or of about sqrt(K)
+    terms; :func:`bdp.targets.schedules.float_tile._block_count`, the channel tiles' rule): each
+    block in its own registers (``rfactor``), added into the tile's accumulators - the round-off
+    of onnxruntime's blocked kernels rather than that of one serial sum."""
+    rb, rin = sch.split(r_loops[0], [nblk, None])
+    sch.reorder(*outer, rb, rin, *r_loops[1:], *inner)
+    no = len(outer)
+    main = sch.rfactor(rb, factor_axis=0)  # the block sums; BLOCK now adds them up
+    # the loop handles now belong to BLOCK's write-back nest: MAIN's own loops from here
+    ml = sch.get_loops(main)
+    outer, rb, rin = ml[:no], ml[no], ml[no + 1]
+    if u_in is not None:
+        u_in = ml[-2]
+    xi = ml[-1]
+    loc = sch.cache_write(main, 0, "local")
+    sch.reverse_compute_at(loc, rb)
+    sch.reverse_compute_at(block, rb)
+    try:
+        sch.compute_inline(loc)  # the block sums are added straight from the registers
+    except SCHEDULE_ERRORS:
+        pass
+    acc = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(acc, outer[-1])
+    fuse_consumers(sch, acc)
+    wl = loops_below(sch, acc, outer[-1])
+    vectorize_if(sch, wl[-1] if wl else None)
+    below = loops_below(sch, block, rb)  # the adds of a block's sums: vectorized like the tile
+    if below:
+        vectorize_if(sch, below[-1])
+        for lp in below[:-1]:
+            if (extent(sch, lp) or 1) > 1:
+                sch.unroll(lp)
+    _parallel_outer(sch, outer, work)
+    if u_in is not None:
+        sch.unroll(u_in)
+    vectorize_if(sch, xi)
+    sch.decompose_reduction(main, rin)
+    sch.decompose_reduction(block, rb)
     return True
 
 
@@ -288,8 +383,9 @@ def schedule_float_cpu(func, spec, const_params=(), debug=False):
                     name = sch.get(b).name_hint
                     # constant weights: channel tiles; then vectors over columns, then rows; a
                     # depthwise conv or pooling too narrow for either: channel tiles of its input
-                    if (attempt == "channels" and columns_first(spec)
-                            and _tile_reduction(sch, b, lanes, regs, ctx, orients=("x",), acc_budget=regs // 2)):
+                    if (attempt == "channels" and _columns_first_fits(sch, b, spec, ctx)
+                            and _tile_reduction(sch, b, lanes, regs, ctx, orients=("x",), acc_budget=regs // 2,
+                                                blocked=COLUMN_BLOCKS_MIN_TERMS.get(spec.popcount_isa, 0))):
                         tiled.add(name)
                     elif attempt == "channels" and tile_channels(sch, b, lanes, regs, ctx, vector_input=False):
                         tiled.update({name, name + "_rf"})

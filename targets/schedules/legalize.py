@@ -51,10 +51,13 @@ def legalize_conv2d(spec):
     tile runs the same straight code, with no bounds check on any position (a partial tile's
     checks stay inside the reduction loops, and LLVM hoists them out only sometimes: 2x slower
     when it does not). The conv block carries its tile as the annotation
-    ``bdp.channel_tile = (uv, xt)``."""
+    ``bdp.channel_tile = (uv, xt)``. Not on targets that compute such a conv with vectors over
+    its output columns (:func:`bdp.targets.schedules.float_cpu.columns_first`, rows of whole
+    vectors)."""
     from tvm.relax.transform.legalize_ops.nn import _nn_conv2d
 
     from .float_cpu import columns_first
+    from .tir_util import choose_vec
     from .float_tile import CHANNEL_TILE_ATTR, conv_tile_plan
 
     lanes, regs = spec.vector_lanes(32), spec.vector_registers
@@ -72,10 +75,13 @@ def legalize_conv2d(spec):
                   and str(call.args[1].ty.dtype) == "float32" and str(call.ty.dtype) == "float32")
         except (AttributeError, TypeError, ValueError):  # symbolic shapes, other attributes: TOPI's
             ok = False
-        if not ok or m % lanes or not PAD_POSITIONS or columns_first(spec):
+        if not ok or m % lanes or not PAD_POSITIONS:
             return _nn_conv2d(bb, call)
         oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
         ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+        xv = choose_vec(ow, lanes)
+        if columns_first(spec, c * kh * kw, m) and xv is not None and xv >= lanes:
+            return _nn_conv2d(bb, call)  # vectors over its output columns, no channel tiles
         uv, xt, nb = conv_tile_plan(n, m, oh, ow, c * kh * kw, lanes, regs, padded=True)
         if uv is None or (oh // nb * ow) % xt == 0:
             return _nn_conv2d(bb, call)
