@@ -131,7 +131,7 @@ def _columns_first_fits(sch, block, spec, ctx) -> bool:
     found = spatial_then_reduction(sch, block)
     if found is None:
         return False
-    stmt, _, loops, ns = found
+    stmt, _, _, ns = found
     xvar = stmt.iter_vars[ns - 1].var
     params = list(sch.mod["main"].params)
     consts = ctx.get("const_params", ())

@@ -57,8 +57,8 @@ def legalize_conv2d(spec):
     from tvm.relax.transform.legalize_ops.nn import _nn_conv2d
 
     from .float_cpu import columns_first
-    from .tir_util import choose_vec
     from .float_tile import CHANNEL_TILE_ATTR, conv_tile_plan
+    from .tir_util import choose_vec
 
     lanes, regs = spec.vector_lanes(32), spec.vector_registers
 

@@ -280,7 +280,7 @@ def schedule_injective(sch, block, lanes, min_parallel_work=PARALLEL_MIN_ELEMENT
         # else the row's vectors stay a serial loop inside each parallel row: what depends on
         # the row only (a resize's source rows and weights, a broadcast) is computed once per row
         inner = ii
-    elif iext in (v, 2) and len(outer) >= 2 and loops_extent(sch, outer[:-1]) >= PARALLEL_MIN_ROWS:
+    elif iext is not None and iext in (v, 2) and len(outer) >= 2 and loops_extent(sch, outer[:-1]) >= PARALLEL_MIN_ROWS:
         # one vector per position of the loop above it (a resize's column stage: the phases of
         # one input column; a pair of them is a vector too): that loop stays serial inside the
         # parallel rows, so its index is a counter, not the remainder of a division of the fused
