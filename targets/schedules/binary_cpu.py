@@ -288,9 +288,11 @@ def _sched_pad_cpu(sch, p, parallel):
     sw = p.strides[1]
     q = loops[-1]
     wq = extent(sch, q)
+    if wq is None:
+        return
     lo = -(-l // sw)  # from here every phase's column is right of the left padding
     hi = min(wq, (l + p.w - sw + 1) // sw)  # below it every phase's column is inside the row
-    if wq is not None and 0 <= lo < hi <= wq and hi - lo >= 16:
+    if 0 <= lo < hi and hi - lo >= 16:
         parts = [f for f in (lo, hi - lo) if f > 0] + ([None] if hi < wq else [])
         if len(parts) > 1:  # the last part: what the others leave (TVM's convention)
             sch.loop_partition(q, parts)
