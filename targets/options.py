@@ -18,6 +18,7 @@ class CompileOptions:
     binary_orient: str = "auto"  # binary conv register tile: "auto", "x" (columns) or "k" (channels)
     binary_word: str = "auto"  # bits per packed word of binary convs: "auto" (per target and layer) or 8/16/32/64
     stack_buffers: bool = True  # small per-tile buffers (register tiles) on the stack, not TVM workspace calls
+    byte_counters: bool = True  # AVX2: popcounts added in byte lanes, widened every 31 steps (bdp.targets.byte_counters)
     fast_exp: bool = True  # vector polynomial exp/sigmoid instead of one expf call per lane
     schedule_debug: bool = False  # raise a float schedule's error instead of falling back to a simpler one
 

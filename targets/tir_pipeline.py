@@ -87,24 +87,32 @@ def stack_buffers_pass():
     return tirx.transform.prim_func_pass(_run, opt_level=0, name="BdpStackBuffers")
 
 
-def _factory():
-    import tvm
-    from tvm import tirx
-    from tvm.s_tir import pipeline as s_tir_pipeline
+def _factory(byte_counts):
+    def make():
+        import tvm
+        from tvm import tirx
+        from tvm.s_tir import pipeline as s_tir_pipeline
 
-    lower, _host, device = s_tir_pipeline.default_s_tir_pipeline()
+        from .byte_counters import byte_counters_pass
 
-    def host():
-        return tvm.ir.transform.Sequential([stack_buffers_pass(), tirx.transform.LowerTVMBuiltin(),
-                                            tirx.transform.LowerIntrin()])
+        lower, _host, device = s_tir_pipeline.default_s_tir_pipeline()
 
-    return lower, host, device
+        def host():
+            first = [byte_counters_pass()] if byte_counts else []
+            return tvm.ir.transform.Sequential(first + [stack_buffers_pass(), tirx.transform.LowerTVMBuiltin(),
+                                                        tirx.transform.LowerIntrin()])
+
+        return lower, host, device
+
+    return make
 
 
-def register() -> str:
+def register(byte_counts: bool = False) -> str:
     """Register bdp's CPU TIR pipeline with TVM (once); returns its name for ``tvm.compile``'s
-    ``tir_pipeline``."""
+    ``tir_pipeline``. BYTE_COUNTS: with :mod:`bdp.targets.byte_counters` first (targets whose
+    vector popcount counts bytes: AVX2)."""
     from tvm.tirx import compilation_pipeline
 
-    compilation_pipeline.PIPELINE_MAP.setdefault(PIPELINE_NAME, _factory)
-    return PIPELINE_NAME
+    name = PIPELINE_NAME + ("-bytes" if byte_counts else "")
+    compilation_pipeline.PIPELINE_MAP.setdefault(name, _factory(byte_counts))
+    return name

@@ -26,11 +26,12 @@ def binary_word(p, spec, options=DEFAULT) -> int:
       accumulator lanes; 64-bit words would widen every count to 64 bits (two more ``uaddlp``
       per vector). So 16-bit words (narrower ones where the group is narrower), 16-bit
       accumulators while the sum fits (``acc_dtype``).
-    - AVX2: the nibble-table popcount (``vpshufb``) is the same for every word size, a 64-bit
-      word adds one ``vpsadbw``; 16-bit words in orientation x on rows of whole vectors
-      (16 columns, at least NARROW_X_MIN_COLUMNS wide) fill every lane with a column, elsewhere
-      64-bit words with the output channels in the lanes (orientation k) do better (measured:
-      README, performance).
+    - AVX2: the nibble-table popcount (``vpshufb``) counts bytes for every word size; with byte
+      counters (the default, :mod:`bdp.targets.byte_counters`) the byte counts are added as they
+      are and no word size costs more per bit: :func:`avx2_byte_word`. Without them a 64-bit word
+      adds one ``vpsadbw`` and a 16-bit word a shift, add and shift: 16-bit words in orientation x
+      on rows of whole vectors (16 columns, at least NARROW_X_MIN_COLUMNS wide), elsewhere 64-bit
+      words with the output channels in the lanes (orientation k).
     - AVX-512 VPOPCNTDQ and scalar ``popcnt``: 64-bit words (one instruction per word).
 
     Depthwise convs keep their byte words. The option ``binary_word`` forces a size."""
@@ -42,11 +43,28 @@ def binary_word(p, spec, options=DEFAULT) -> int:
     isa = spec.popcount_isa
     if isa == "neon-cnt":
         return min(default, NARROW_WORD)
+    if isa == "avx2" and options.byte_counters and default >= NARROW_WORD:
+        return avx2_byte_word(p, spec)
     if isa == "avx2":
         _, ow = p.out_hw
         if default >= NARROW_WORD and ow % spec.vector_lanes(NARROW_WORD) == 0 and ow >= NARROW_X_MIN_COLUMNS:
             return NARROW_WORD
     return 0
+
+
+def avx2_byte_word(p, spec) -> int:
+    """AVX2 with byte-lane popcounts (:mod:`bdp.targets.byte_counters`): every word size costs
+    the same per 256 bits, so the word is the one that fills whole vectors of columns in
+    orientation x (32-bit words: 8 columns; 16-bit: 16), the fewer padded bits first, 32 on a tie;
+    rows of no whole vector take orientation k with 16-bit words (16 channels per vector). Measured
+    on Zen 3 (1 thread, the four 3x3 layers of ``bdp bench``): x/w32 0.637 ms (x/w16 0.653) at
+    64x64x80, x/w32 0.614 (x/w64 0.725) at 128x32x40, k/w16 0.594 (x/w64 0.710) at 256x16x20,
+    k/w16 0.592 (k/w32 0.627, k/w64 0.641) at 512x8x10."""
+    _, ow = p.out_hw
+    fits = [b for b in (32, NARROW_WORD) if ow % spec.vector_lanes(b) == 0]
+    if fits:
+        return min(fits, key=lambda b: (-(-p.cg // b) * b, -b))
+    return NARROW_WORD
 
 
 def neon_xor_cycles(broadcasts, loads):
