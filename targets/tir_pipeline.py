@@ -1,5 +1,6 @@
 """The TIR pipeline of CPU builds: TVM's default one, plus one pass before ``LowerTVMBuiltin``
-that keeps small per-tile buffers on the stack.
+that keeps small per-tile buffers on the stack and, on targets whose vector popcount counts bytes
+(AVX2; pipeline ``bdp-cpu-bytes``), :mod:`bdp.targets.byte_counters` before it.
 
 TVM lowers every ``local``-scope buffer of a CPU function (the register tiles of bdp's
 schedules: a binary conv's accumulators, a pack stage's word, a float tile's accumulators), and

@@ -150,3 +150,48 @@ def test_blocked_weight_layout_round_trip():
     for _ in range(20):
         idx = [int(rng.integers(0, d)) for d in w.shape]
         assert b[tuple(int(v) for v in m.map_indices(idx))] == w[tuple(idx)]
+
+
+@pytest.mark.parametrize("shape, axis", [((1, 4, 8, 16, 20), 1), ((2, 3, 7, 9), -1), ((1, 5, 6, 7), 2), ((3, 10), 1)])
+@pytest.mark.parametrize("target", ["x86-avx2", "rpi4"])
+def test_softmax_divides_once_per_position(shape, axis, target):
+    """softmax as onnxruntime computes it: one reciprocal of the sum per position, not a divide
+    per element (the scheduled function's divides are all in blocks over the reduced positions),
+    and its outputs match onnxruntime's (x86; rpi4's build is checked for its structure)."""
+    import onnxruntime as ort
+    import tvm
+    import tvm_ffi
+    from onnx import TensorProto, helper
+    from tvm import relax, s_tir, tirx
+
+    from bdp.targets.lower import build, import_onnx
+    from bdp.targets.schedules.pipeline import relax_pipeline
+    from bdp.targets.schedules.tir_util import has_float_divide
+    from bdp.targets.spec import get_target
+
+    x = (np.random.default_rng(0).standard_normal(shape) * 4).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Softmax", ["x"], ["y"], axis=axis)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    spec = get_target(target)
+    mod = import_onnx(model, {"x": list(shape)}, spec)
+    with tvm.target.Target(spec.tvm) as t:
+        lowered = relax_pipeline(spec, t)(mod)
+    positions = int(np.prod(shape)) // shape[axis]
+    divides = []
+
+    def visit(block):
+        if has_float_divide(block.body):
+            divides.append(int(np.prod([int(iv.dom.extent) for iv in block.iter_vars])))
+
+    funcs = [f for gv, f in lowered.functions.items() if isinstance(f, tirx.PrimFunc)]
+    assert funcs
+    for f in funcs:
+        tvm_ffi.structural_walk(f.body, [(s_tir.SBlock, visit)], order="post")
+    assert divides and all(d <= positions for d in divides), (divides, positions)
+    if target == "x86-avx2":
+        ex = build(import_onnx(model, {"x": list(shape)}, spec), spec)
+        got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+        want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)

@@ -9,7 +9,7 @@ from ..options import DEFAULT
 from .binary_cpu import is_pack_function, schedule_binary_cpu, schedule_pack_cpu
 from .binary_cuda import schedule_binary_cuda
 from .float_cpu import schedule_float_cpu
-from .legalize import legalize_conv2d, legalize_conv2d_transpose
+from .legalize import legalize_conv2d, legalize_conv2d_transpose, legalize_softmax
 from .relayout import call_tir_sites, constant_args, rewrite_constant_args
 from .tir_util import SCHEDULE_ERRORS
 
@@ -112,7 +112,8 @@ def relax_pipeline(spec, target, options=DEFAULT):
     from tvm.relax.backend.cpu_generic import pipeline as cg
 
     legalize = [relax.transform.LegalizeOps(customize_legalize_map={"relax.nn.conv2d_transpose": legalize_conv2d_transpose,
-                                                                    "relax.nn.conv2d": legalize_conv2d(spec)}),
+                                                                    "relax.nn.conv2d": legalize_conv2d(spec),
+                                                                    "relax.nn.softmax": legalize_softmax}),
                 relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(), relax.transform.FuseOps(),
                 relax.transform.FuseTIR()]
 

@@ -132,6 +132,35 @@ def loads_of(stmt, buf):
     return n[0]
 
 
+def has_float_divide(stmt):
+    """Whether STMT divides floats (a vector divide costs 7-18 cycles a vector on x86 and AArch64
+    cores, against one or less for a multiply)."""
+    import tvm_ffi
+    from tvm import tirx
+
+    found = []
+
+    def visit(d):
+        if "float" in str(d.ty.dtype):
+            found.append(d)
+
+    tvm_ffi.structural_walk(stmt, [(tirx.Div, visit)], order="post")
+    return bool(found)
+
+
+def _broadcast(block_stmt, buf):
+    """Whether BLOCK_STMT reads BUF at the same element across one of its spatial iterations (an
+    iteration variable of extent > 1 that no index of its BUF region uses)."""
+    used = set()
+    for r in block_stmt.reads:
+        if r.source.same_as(buf):
+            used |= region_vars(r.region)
+    if not used and not any(r.source.same_as(buf) for r in block_stmt.reads):
+        return False
+    return any(iv.iter_type == 0 and not (hasattr(iv.dom.extent, "value") and int(iv.dom.extent.value) == 1)
+               and iv.var not in used for iv in block_stmt.iter_vars)
+
+
 def inline_is_cheap(sch, block, concats=None):
     """Inlining BLOCK recomputes it once per load in each consumer: only allow single loads, and
     not into a selection between several buffers (concatenation), unless CONCATS (block name ->
@@ -141,9 +170,14 @@ def inline_is_cheap(sch, block, concats=None):
     if not stmt.writes:
         return False
     buf = stmt.writes[0].source
+    divides = has_float_divide(stmt.body)
     for c in sch.get_consumers(block):
         cs = sch.get(c)
         if loads_of(cs.body, buf) > 1:
+            return False
+        if divides and _broadcast(cs, buf):
+            # a divide read broadcast along an axis of its consumer (softmax's 1 / sum): inlined,
+            # it would divide once per consumer iteration instead of once per element
             return False
         tensors = {r.source for r in cs.reads if len(r.region) > 0}
         if (len(tensors) > 1 and "R" not in iter_kinds(cs) and has_conditional(cs.body, select=False)
