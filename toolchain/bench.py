@@ -54,6 +54,13 @@ LAYER_SHAPES = [(64, 64, 80), (128, 32, 40), (256, 16, 20), (512, 8, 10)]  # C, 
 MODEL_INPUT = (1, 3, 256, 320)
 TARGETS = {"layer_geomean": 8.0, "layer_each": 5.0, "model_each": 4.0, "weights_ratio": 20.0,
            "compile_seconds": 60.0}
+# per popcount ISA where the project's issues ask differently: AVX2 has no vector popcount and
+# onnxruntime's FP32 conv runs near the FMA peak (about 7x is the limit per layer)
+ISA_TARGETS = {"avx2": {"layer_geomean": 6.0, "model_int8_each": 2.5}}
+
+
+def targets_for(popcount_isa) -> dict:
+    return {**TARGETS, **ISA_TARGETS.get(popcount_isa, {})}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,6 +443,7 @@ def format_models(rows) -> str:
 
 def summarize(res) -> dict:
     out = {}
+    tg = res.get("targets") or TARGETS
     layers = [r for r in res.get("layers", []) if "error" not in r]
     if layers:
         sp = [r["speedup"]["onnxruntime_fp32"] for r in layers]
@@ -446,24 +454,27 @@ def summarize(res) -> dict:
                          "geomean_speedup_vs_onnxruntime_int8": _geomean([r.get("x_ort_int8") for r in layers]),
                          "geomean_speedup_vs_onnxruntime_min_times": _geomean(
                              [r["speedup_min"]["onnxruntime_fp32"] for r in layers]),
-                         f"geomean_at_least_{TARGETS['layer_geomean']:g}x": g >= TARGETS["layer_geomean"],
-                         f"each_at_least_{TARGETS['layer_each']:g}x": min(sp) >= TARGETS["layer_each"],
+                         f"geomean_at_least_{tg['layer_geomean']:g}x": g >= tg["layer_geomean"],
+                         f"each_at_least_{tg['layer_each']:g}x": min(sp) >= tg["layer_each"],
                          "all_four_shapes": len(layers) == len(LAYER_SHAPES)}
     models = [r for r in res.get("models", []) if "error" not in r]
     if models:
         out["models"] = {
             "speedup_vs_onnxruntime": {r["arch"]: r["speedup_vs_onnxruntime"] for r in models},
             "speedup_vs_onnxruntime_int8": {r["arch"]: r.get("x_ort_int8") for r in models},
-            f"at_least_{TARGETS['model_each']:g}x": [r["arch"] for r in models
-                                                     if r["speedup_vs_onnxruntime"] >= TARGETS["model_each"]],
-            f"below_{TARGETS['model_each']:g}x": [r["arch"] for r in models
-                                                  if r["speedup_vs_onnxruntime"] < TARGETS["model_each"]],
-            f"weights_at_least_{TARGETS['weights_ratio']:g}x_smaller": [
-                r["arch"] for r in models if (r.get("weights_ratio") or 0) >= TARGETS["weights_ratio"]],
-            f"compile_under_{TARGETS['compile_seconds']:g}s": [
-                r["arch"] for r in models if r["compile_s"] < TARGETS["compile_seconds"]],
+            f"at_least_{tg['model_each']:g}x": [r["arch"] for r in models
+                                                     if r["speedup_vs_onnxruntime"] >= tg["model_each"]],
+            f"below_{tg['model_each']:g}x": [r["arch"] for r in models
+                                                  if r["speedup_vs_onnxruntime"] < tg["model_each"]],
+            f"weights_at_least_{tg['weights_ratio']:g}x_smaller": [
+                r["arch"] for r in models if (r.get("weights_ratio") or 0) >= tg["weights_ratio"]],
+            f"compile_under_{tg['compile_seconds']:g}s": [
+                r["arch"] for r in models if r["compile_s"] < tg["compile_seconds"]],
             "max_compile_s": max(r["compile_s"] for r in models),
         }
+        if "model_int8_each" in tg:
+            out["models"][f"int8_below_{tg['model_int8_each']:g}x"] = [
+                r["arch"] for r in models if (r.get("x_ort_int8") or 0) < tg["model_int8_each"]]
     return out
 
 
@@ -501,7 +512,7 @@ def run(json_path="bench.json", chart="bench.png", quick=False, only="all", arch
                       "bdp layer = binarize + pack + popcount conv + float epilogue, float in and out; "
                       "onnxruntime INT8 = quantize_static, QDQ, S8S8, per-channel weights, min/max calibration "
                       "on 4 standard-normal inputs, reduce_range (7-bit weights) on hosts without VNNI"),
-           "int8_reduce_range": int8_reduce_range(), "targets": TARGETS}
+           "int8_reduce_range": int8_reduce_range(), "targets": targets_for(spec.popcount_isa)}
     print(f"bdp bench: target {spec.name} ({spec.tvm.get('mcpu')}), bdp's popcount ISA {res['isa']}, "
           f"{threads} threads", flush=True)
     if only == "wild":  # networks from the wild: toolchain/bench_wild.py, its own table and JSON
@@ -552,9 +563,15 @@ def run(json_path="bench.json", chart="bench.png", quick=False, only="all", arch
               f"{s['layers']['geomean_speedup_vs_torch']:.2f}x PyTorch, "
               f"{s['layers']['geomean_speedup_vs_tvm_scheduled']:.2f}x TVM scheduled FP32")
     if "models" in s:
-        below = s["models"][f"below_{TARGETS['model_each']:g}x"]
-        print(f"models: {len(s['models']['speedup_vs_onnxruntime']) - len(below)} at >= {TARGETS['model_each']:g}x "
-              f"onnxruntime FP32; below: {', '.join(below) or 'none'}; slowest compile {s['models']['max_compile_s']:.1f} s")
+        tg = res["targets"]
+        below = s["models"][f"below_{tg['model_each']:g}x"]
+        int8 = ""
+        if "model_int8_each" in tg:
+            low = s["models"]["int8_below_%gx" % tg["model_int8_each"]]
+            int8 = f"; below {tg['model_int8_each']:g}x onnxruntime INT8: {', '.join(low) or 'none'}"
+        print(f"models: {len(s['models']['speedup_vs_onnxruntime']) - len(below)} at >= {tg['model_each']:g}x "
+              f"onnxruntime FP32; below: {', '.join(below) or 'none'}{int8}; "
+              f"slowest compile {s['models']['max_compile_s']:.1f} s")
     _write_json(json_path, res)
     try:
         write_chart(chart, res)
