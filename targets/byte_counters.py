@@ -129,7 +129,30 @@ def _nest(loop):
             if isinstance(a, tuple) and any(
                     any(v in inner for v in tirx.analysis.undefined_vars(i)) for i in a[1]):
                 return None
+        # nothing in the nest may read an accumulator but its own update (the partial sums are
+        # in the byte lanes until the chunk ends)
+        accs = [a[0] for a in items if isinstance(a, tuple)]
+        exprs = [b.value for lv in levels for b in lv] + [s.value if isinstance(s, tirx.Bind) else s[2] for s in items]
+        exprs += [i for a in items if isinstance(a, tuple) for i in a[1]]
+        exprs += [lp.extent for lp in loops]
+        if any(_reads(e, accs) for e in exprs):
+            return None
         return loops, levels, items
+
+
+def _reads(expr, bufs):
+    """Whether EXPR loads from one of BUFS."""
+    import tvm_ffi
+    from tvm import ir
+
+    found = []
+
+    def visit(load):
+        if any(load.source.same_as(b) for b in bufs):
+            found.append(load)
+
+    tvm_ffi.structural_walk(expr, [(ir.TensorLoad, visit)], order="post")
+    return bool(found)
 
 
 def _byte_sum(v, word_bits):

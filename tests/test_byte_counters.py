@@ -10,10 +10,11 @@ import pytest
 from test_kernels import GRID, _llvm_source, assert_exact, binary_conv_model
 
 
-def _nest(word_bits, outer, inner, moving_acc=False):
+def _nest(word_bits, outer, inner, moving_acc=False, reads_acc=False):
     """A PrimFunc adding popcounts of uint{WORD_BITS} x 8 words, and of their XOR with the words
     read backwards, over loops OUTER x INNER into two int32 x 8 accumulators (with MOVING_ACC the
-    first accumulator's index changes with the step: not a nest the pass may rewrite)."""
+    first accumulator's index changes with the step; with READS_ACC (32-bit words) the second
+    popcount reads the first accumulator: neither is a nest the pass may rewrite)."""
     from tvm.script import tirx as T
 
     ut, steps = f"uint{word_bits}", outer * inner
@@ -28,8 +29,12 @@ def _nest(word_bits, outer, inner, moving_acc=False):
         for r, w in T.grid(outer, inner):
             acc[(r * inner + w) % mod] = acc[(r * inner + w) % mod] + T.Cast(
                 "int32x8", T.popcount(A[T.Ramp((r * inner + w) * 8, 1, 8)]))
-            acc[1] = acc[1] + T.Cast("int32x8", T.popcount(
-                A[T.Ramp((r * inner + w) * 8, 1, 8)] ^ A[T.Ramp((steps - 1 - r * inner - w) * 8, 1, 8)]))
+            if reads_acc:
+                acc[1] = acc[1] + T.Cast("int32x8", T.popcount(
+                    A[T.Ramp((r * inner + w) * 8, 1, 8)] ^ T.reinterpret("uint32x8", acc[0])))
+            else:
+                acc[1] = acc[1] + T.Cast("int32x8", T.popcount(
+                    A[T.Ramp((r * inner + w) * 8, 1, 8)] ^ A[T.Ramp((steps - 1 - r * inner - w) * 8, 1, 8)]))
         out[T.Ramp(0, 1, 8)] = acc[0]
         out[T.Ramp(8, 1, 8)] = acc[1]
 
@@ -84,6 +89,16 @@ def test_byte_counters_exact_on_nests(shape, fill):
     want = _expected(a)
     np.testing.assert_array_equal(_run(f, a), want)
     np.testing.assert_array_equal(_run(g, a), want)
+
+
+def test_byte_counters_leave_a_nest_that_reads_its_accumulators():
+    from bdp.targets.byte_counters import byte_counters
+
+    f = _nest(32, 4, 8, reads_acc=True)
+    g, n = byte_counters(f)
+    assert n == 0 and "bdp_byte_counts" not in g.script()
+    a = np.random.default_rng(1).integers(0, 2**32, size=(32, 8), dtype=np.uint32)
+    np.testing.assert_array_equal(_run(g, a), _run(f, a))
 
 
 @pytest.mark.parametrize("shape, moving", [((16, 3, 4), True),  # an accumulator index that moves
