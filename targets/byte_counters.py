@@ -98,6 +98,8 @@ def _nest(loop):
     loop's statements in order: binds and accumulations (:func:`_accumulation`), at least one."""
     from tvm import tirx
 
+    from .schedules.tir_util import loads_of
+
     loops, levels = [], []
     stmt = loop
     while True:
@@ -135,24 +137,9 @@ def _nest(loop):
         exprs = [b.value for lv in levels for b in lv] + [s.value if isinstance(s, tirx.Bind) else s[2] for s in items]
         exprs += [i for a in items if isinstance(a, tuple) for i in a[1]]
         exprs += [lp.extent for lp in loops]
-        if any(_reads(e, accs) for e in exprs):
+        if any(loads_of(e, b) for e in exprs for b in accs):
             return None
         return loops, levels, items
-
-
-def _reads(expr, bufs):
-    """Whether EXPR loads from one of BUFS."""
-    import tvm_ffi
-    from tvm import ir
-
-    found = []
-
-    def visit(load):
-        if any(load.source.same_as(b) for b in bufs):
-            found.append(load)
-
-    tvm_ffi.structural_walk(expr, [(ir.TensorLoad, visit)], order="post")
-    return bool(found)
 
 
 def _byte_sum(v, word_bits):
