@@ -463,9 +463,9 @@ def summarize(res) -> dict:
             "speedup_vs_onnxruntime": {r["arch"]: r["speedup_vs_onnxruntime"] for r in models},
             "speedup_vs_onnxruntime_int8": {r["arch"]: r.get("x_ort_int8") for r in models},
             f"at_least_{tg['model_each']:g}x": [r["arch"] for r in models
-                                                     if r["speedup_vs_onnxruntime"] >= tg["model_each"]],
+                                                if r["speedup_vs_onnxruntime"] >= tg["model_each"]],
             f"below_{tg['model_each']:g}x": [r["arch"] for r in models
-                                                  if r["speedup_vs_onnxruntime"] < tg["model_each"]],
+                                             if r["speedup_vs_onnxruntime"] < tg["model_each"]],
             f"weights_at_least_{tg['weights_ratio']:g}x_smaller": [
                 r["arch"] for r in models if (r.get("weights_ratio") or 0) >= tg["weights_ratio"]],
             f"compile_under_{tg['compile_seconds']:g}s": [

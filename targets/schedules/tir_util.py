@@ -151,13 +151,12 @@ def has_float_divide(stmt):
 def _broadcast(block_stmt, buf):
     """Whether BLOCK_STMT reads BUF at the same element across one of its spatial iterations (an
     iteration variable of extent > 1 that no index of its BUF region uses)."""
-    used = set()
-    for r in block_stmt.reads:
-        if r.source.same_as(buf):
-            used |= region_vars(r.region)
-    if not used and not any(r.source.same_as(buf) for r in block_stmt.reads):
+    regions = [r.region for r in block_stmt.reads if r.source.same_as(buf)]
+    if not regions:
         return False
-    return any(iv.iter_type == 0 and not (hasattr(iv.dom.extent, "value") and int(iv.dom.extent.value) == 1)
+    used = set().union(*(region_vars(rg) for rg in regions))
+    return any(iv.iter_type == 0  # data-parallel (spatial)
+               and not (hasattr(iv.dom.extent, "value") and int(iv.dom.extent.value) == 1)
                and iv.var not in used for iv in block_stmt.iter_vars)
 
 
