@@ -175,8 +175,8 @@ def test_avx2_byte_word_fills_vectors_of_columns():
         p = dataclasses.replace(p, word_bits=binary_word(p, spec, CompileOptions(**opts)))
         return binary_conv_plan(p, spec)["orient"], p.word
 
-    assert plan(64, 64, 80) == ("x", 32)  # 80 columns: 10 vectors of 8, 64 channels in 2 words
+    assert plan(64, 64, 80) == ("x", 16)  # 80 columns: 5 vectors of 16, 64 channels in 4 words
     assert plan(128, 32, 40) == ("x", 32)  # 40 columns: 5 vectors of 8 (not of 16)
     assert plan(256, 16, 20) == ("k", 16)  # 20 columns: no whole vector, channels in the lanes
-    assert plan(48, 16, 32)[1] == 16  # 48 channels: 3 words of 16 bits, 2 of 32 would pad 16
+    assert plan(48, 16, 32)[1] == 16  # 48 channels: 3 words of 16 bits (2 of 32 would pad 16)
     assert plan(256, 16, 20, byte_counters=False)[1] == 64  # without: 64-bit words

@@ -54,16 +54,18 @@ def binary_word(p, spec, options=DEFAULT) -> int:
 
 def avx2_byte_word(p, spec) -> int:
     """AVX2 with byte-lane popcounts (:mod:`bdp.targets.byte_counters`): every word size costs
-    the same per 256 bits, so the word is the one that fills whole vectors of columns in
-    orientation x (32-bit words: 8 columns; 16-bit: 16), the fewer padded bits first, 32 on a tie;
-    rows of no whole vector take orientation k with 16-bit words (16 channels per vector). Measured
-    on Zen 3 (1 thread, the four 3x3 layers of ``bdp bench``): x/w32 0.637 ms (x/w16 0.653) at
-    64x64x80, x/w32 0.614 (x/w64 0.725) at 128x32x40, k/w16 0.594 (x/w64 0.710) at 256x16x20,
-    k/w16 0.592 (k/w32 0.627, k/w64 0.641) at 512x8x10."""
+    the same per 256 bits, so the word is one that fills whole vectors of columns in orientation
+    x: 16-bit words (16 columns a vector; they never pad more bits than 32-bit ones), 32-bit words
+    where the row is a whole number of 8-column vectors but not of 16; 16-bit words with the
+    channels in the lanes (orientation k) where neither fits. Measured on Zen 3 (1 thread): float
+    output, the four 3x3 layers of ``bdp bench``, x/w16 0.653 ms (x/w32 0.637) at 64x64x80, x/w32
+    0.614 (x/w64 0.725) at 128x32x40, k/w16 0.594 (x/w64 0.710) at 256x16x20, k/w16 0.592
+    (k/w32 0.627, k/w64 0.641) at 512x8x10; a 3x3 conv with packed-bit output into a 1x1 one at
+    64x80, x/w16 against x/w32: 0.47-0.61 against 0.90-0.91 ms (32 -> 64 channels), 0.87 against
+    1.33 ms (64 -> 64)."""
     _, ow = p.out_hw
-    fits = [b for b in (32, NARROW_WORD) if ow % spec.vector_lanes(b) == 0]
-    if fits:
-        return min(fits, key=lambda b: (-(-p.cg // b) * b, -b))
+    if ow % spec.vector_lanes(NARROW_WORD) != 0 and ow % spec.vector_lanes(32) == 0:
+        return 32
     return NARROW_WORD
 
 
