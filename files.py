@@ -226,6 +226,23 @@ def atomic_folder(path, owned=None, force=False, what="folder"):
         raise
 
 
+def is_inside(path, folder) -> bool:
+    """True when PATH is FOLDER itself or lies below it (both resolved: links followed)."""
+    try:
+        p, f = os.path.realpath(os.fspath(path)), os.path.realpath(os.fspath(folder))
+    except (OSError, ValueError):
+        return False
+    return p == f or p.startswith(f.rstrip(os.sep) + os.sep)
+
+
+def refuse_inside(path, folder, what, of_what):
+    """InputError when output PATH (the WHAT) would be written inside FOLDER, which this command
+    reads (OF_WHAT): bdp never writes into its own input."""
+    if path is not None and is_inside(path, folder):
+        raise InputError(f"{path}: the {what} lies inside the {of_what} {folder}, which this command reads; "
+                         f"write it elsewhere")
+
+
 def remove_quietly(path):
     """Remove a file or folder bdp made (undoing a partial command); no error when absent."""
     if path is None:

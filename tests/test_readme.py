@@ -29,10 +29,49 @@ def readme_blocks():
     """[(section, language, code)] of the sections the README promises to keep runnable."""
     text = open(os.path.join(ROOT, "README.md")).read()
     out = []
-    for heading in ("## Using it", "### Boards (remote profiling)"):
+    for heading in RUN_HERE:
         for lang, code in re.findall(r"```(sh|python)\n(.*?)```", _section(text, heading), re.S):
             out.append((heading, lang, code))
     return out
+
+
+# Every shell block of the README is run by a test, or listed here with the reason it is not.
+RUN_HERE = ("## Using it", "### Boards (remote profiling)")
+RUN_ELSEWHERE = {
+    "## Quick start": "tests/test_demo.py runs `bdp demo` exactly as written (twice, in a fresh folder) and checks "
+                      "that the test command is the one .ci/run runs; `.ci/setup` is what CI itself runs first",
+}
+NOT_RUN = {
+    "## Performance": "measurement commands: each runs for minutes to an hour, times the machine and rewrites docs/; "
+                      "they are how the recorded figures were made, run by hand on a quiet machine",
+}
+
+
+def _sections_of_blocks(text):
+    """[(enclosing headings, language, code)] of every fenced sh/python block."""
+    out, heads = [], []
+    for m in re.finditer(r"^(#{1,6}) (.*)$|^```(sh|python)\n(.*?)^```", text, re.M | re.S):
+        if m.group(1):
+            level = len(m.group(1))
+            heads = [h for h in heads if len(h.split(" ")[0]) < level] + [f"{m.group(1)} {m.group(2)}"]
+        else:
+            out.append((list(heads), m.group(3), m.group(4)))
+    return out
+
+
+def test_every_shell_block_is_run_or_listed():
+    """The README cannot grow a command nobody runs: each block is under a section this test runs,
+    one another test runs, or one of the short NOT_RUN list."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    known = set(RUN_HERE) | set(RUN_ELSEWHERE) | set(NOT_RUN)
+    orphans = []
+    for heads, lang, code in _sections_of_blocks(text):
+        if not any(any(h == k or h.startswith(k + " ") for k in known) for h in heads):
+            orphans.append((heads[-1] if heads else "(top)", code.strip().splitlines()[0]))
+    assert not orphans, f"README blocks no test runs and no list names: {orphans}"
+    assert len(NOT_RUN) <= 3
+    for k in known:
+        assert any(h == k or h.startswith(k + " ") for h in re.findall(r"^#{1,6} .*$", text, re.M)), k
 
 
 def test_readme_has_the_blocks():

@@ -442,7 +442,7 @@ def profile_cmd(bundle, device, rpc, tracker, key, runs, warmup, json_path, char
     With --device cortex-a72-model: an estimate for a Raspberry Pi 4 (Cortex-A72, 1 thread) of an
     rpi4/arm64 bundle: instructions counted exactly under qemu, cycles from llvm-mca."""
     _quiet_tvm()
-    from bdp.files import check_output_file
+    from bdp.files import check_output_file, refuse_inside
 
     from . import profile as prof
 
@@ -453,6 +453,7 @@ def profile_cmd(bundle, device, rpc, tracker, key, runs, warmup, json_path, char
     for path, what in ((json_path, "--json file"), (chart, "--chart file")):
         if path:
             check_output_file(path, what)
+            refuse_inside(path, bundle, what, "bundle")
     if chart:
         from .charts import chart_format
 
@@ -522,13 +523,16 @@ def bench_cmd(json_path, chart, quick, only, wild_dir, target, archs, runs):
 @click.option("--arch", default="bireal-tiny", show_default=True)
 @click.option("--epochs", type=int, default=4, show_default=True)
 @click.option("--rpi4/--no-rpi4", default=True, show_default=True, help="also build and check a Raspberry Pi 4 bundle under qemu")
+@click.option("--force", is_flag=True, help="write into the folder even when it holds files the demo did not write")
 @guarded
-def demo_cmd(out, arch, epochs, rpi4):
-    """Train a small model, compile it, run it on a photograph, profile it (the README's demo)."""
+def demo_cmd(out, arch, epochs, rpi4, force):
+    """Train a small model, compile it, run it on a photograph, profile it (the README's demo).
+
+    A second run replaces what the first wrote; a folder holding anything else is refused."""
     _quiet_tvm()
     from .demo import run_demo
 
-    run_demo(out=out, arch=arch, epochs=epochs, rpi4=rpi4)
+    run_demo(out=out, arch=arch, epochs=epochs, rpi4=rpi4, force=force)
 
 
 @main.group("keys")

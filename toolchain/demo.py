@@ -5,14 +5,19 @@ Everything lands in one folder (default ``demo-out/``)::
     model.pt                 the trained checkpoint
     bundle-x86/              the x86 bundle
     bundle-rpi4/             the Raspberry Pi 4 bundle (when the cross tools are installed)
-    photo/                   the photograph's pictures (input beside every dense output)
-    synthetic/               the same for a synthetic scene
+    photo/                   the photograph's pictures (input beside every dense output), outputs.npz
+    synthetic-scene.png      a synthetic scene (the input of ...)
+    synthetic/               ... its pictures and outputs.npz
     profile.json, profile.png
+
+A second run replaces what the first one wrote. A folder holding anything else (a user's file
+beside the demo's, or inside one of its folders) is refused with exit code 2, unless FORCE.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import click
@@ -35,13 +40,37 @@ def photo_path():
     return None
 
 
-def run_demo(out="demo-out", arch="bireal-tiny", epochs=4, size=(128, 160), n_train=256, rpi4=True):
+# what the demo writes at the top of its folder (anything else there is the user's)
+DEMO_FILES = ("model.pt", "bundle-x86", "bundle-rpi4", "photo", "synthetic", "synthetic-scene.png",
+              "profile.json", "profile.png", ".bundle-x86-small", "x_small.npy")
+# temporaries of an interrupted demo (files.py's .NAME.tmp-PID-XXXX / .NAME.old-PID-XXXX)
+_TEMP = re.compile(r"\.(?:%s)\.(?:tmp|old)-\d+-[A-Za-z0-9_]+(?:\.[A-Za-z0-9]+)?" % "|".join(map(re.escape, DEMO_FILES)))
+
+
+def check_demo_folder(out, force=False):
+    """InputError unless OUT is absent, a folder holding only what the demo writes, or FORCE."""
+    from bdp.errors import InputError
+    from bdp.files import check_output_folder
+
+    def owned(folder):
+        extra = sorted(n for n in os.listdir(folder) if n not in DEMO_FILES and not _TEMP.fullmatch(n))
+        return (not extra), (f"it holds {', '.join(extra[:3])}" if extra else "")
+
+    if os.path.isdir(out) and force:
+        return
+    check_output_folder(out, owned, False, "demo folder")
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise InputError(f"{out}: exists and is not a folder")
+
+
+def run_demo(out="demo-out", arch="bireal-tiny", epochs=4, size=(128, 160), n_train=256, rpi4=True, force=False):
     from bdp.models import train as _train
 
     from .compile import compile_model
     from .profile import chart_png, format_text, profile_local, write_json
     from .run import run_bundle
 
+    check_demo_folder(out, force)
     os.makedirs(out, exist_ok=True)
     ck = os.path.join(out, "model.pt")
     click.secho(f"[1/5] training {arch} on the synthetic scene set ({epochs} epochs)", bold=True)
@@ -49,7 +78,7 @@ def run_demo(out="demo-out", arch="bireal-tiny", epochs=4, size=(128, 160), n_tr
 
     click.secho(f"[2/5] compiling for x86 at {size[0]}x{size[1]}", bold=True)
     bx = os.path.join(out, "bundle-x86")
-    compile_model(ck, target="x86", out=bx, input_shape=(1, 3, *size), progress=True, verify=True)
+    compile_model(ck, target="x86", out=bx, input_shape=(1, 3, *size), progress=True, verify=True, force=force)
     from .bundle import read_manifest
 
     st = read_manifest(bx, verify=False).stats
@@ -59,7 +88,7 @@ def run_demo(out="demo-out", arch="bireal-tiny", epochs=4, size=(128, 160), n_tr
     click.secho("[3/5] running on a photograph and on a synthetic scene", bold=True)
     photo = photo_path()
     if photo:
-        run_bundle(bx, photo, os.path.join(out, "photo", "outputs.npz"), os.path.join(out, "photo"))
+        run_bundle(bx, photo, os.path.join(out, "photo", "outputs.npz"), os.path.join(out, "photo"), force=force)
         click.echo(f"      {photo} -> {out}/photo/overview.png")
     else:
         click.echo("      (scikit-image not installed: no photograph; `pip install scikit-image`)")
@@ -70,11 +99,14 @@ def run_demo(out="demo-out", arch="bireal-tiny", epochs=4, size=(128, 160), n_tr
 
         ds = SyntheticScenes(1, size=size, seed=12345)
         img = _denormalize(ds[0][0].numpy())
-        syn = os.path.join(out, "synthetic", "scene.png")
-        os.makedirs(os.path.dirname(syn), exist_ok=True)
-        Image.fromarray(img).save(syn)
-        run_bundle(bx, syn, os.path.join(out, "synthetic", "outputs.npz"), os.path.join(out, "synthetic"))
-        click.echo(f"      synthetic scene -> {out}/synthetic/overview.png")
+        syn = os.path.join(out, "synthetic-scene.png")
+        from bdp.files import atomic_path
+
+        with atomic_path(syn) as tmp:
+            Image.fromarray(img).save(tmp, format="PNG")
+        run_bundle(bx, syn, os.path.join(out, "synthetic", "outputs.npz"), os.path.join(out, "synthetic"),
+                   force=force)
+        click.echo(f"      {syn} -> {out}/synthetic/overview.png")
     except ImportError:
         pass
 
@@ -95,9 +127,9 @@ def run_demo(out="demo-out", arch="bireal-tiny", epochs=4, size=(128, 160), n_tr
     else:
         br = os.path.join(out, "bundle-rpi4")
         small = (1, 3, 64, 80)  # qemu emulates the Pi slowly: a small input for the check
-        compile_model(ck, target="rpi4", out=br, input_shape=small, progress=True)
+        compile_model(ck, target="rpi4", out=br, input_shape=small, progress=True, force=force)
         bx_small = os.path.join(out, ".bundle-x86-small")
-        compile_model(ck, target="x86", out=bx_small, input_shape=small)
+        compile_model(ck, target="x86", out=bx_small, input_shape=small, force=force)
         x = np.random.default_rng(0).standard_normal(small).astype(np.float32)
         np.save(os.path.join(out, "x_small.npy"), x)
         arm = run_bundle(br, os.path.join(out, "x_small.npy"))

@@ -93,8 +93,8 @@ def load_input(path, manifest) -> tuple[np.ndarray, np.ndarray | None]:
 def save_npz(path, outputs: dict):
     from bdp.files import atomic_path
 
-    with atomic_path(path) as tmp:
-        np.savez(tmp, **outputs)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **outputs)  # a file object: numpy appends no ".npz" to a name without it
 
 
 def device_of(manifest):
@@ -107,11 +107,15 @@ def device_of(manifest):
     return get_device(spec.device) if spec is not None and spec.device else None
 
 
-def _viz_owned(manifest):
-    """A ``--viz`` folder bdp wrote for this bundle holds only its pictures."""
+def _viz_owned(manifest, also=None):
+    """A ``--viz`` folder bdp wrote for this bundle holds only its pictures, and ALSO (the
+    ``-o`` file's path inside it, '/'-separated, when ``-o`` names a file in the folder: the same
+    command wrote it there before)."""
     from bdp.files import only_these_files
 
     names = {f"{n}.png" for n in manifest.output_names} | {"overview.png"}
+    if also:
+        names.add(also)
     return lambda folder: only_these_files(folder, names)
 
 
@@ -122,17 +126,29 @@ def run_bundle(bundle_dir, input_path, out_path=None, viz_dir=None, force=False,
     picture folder: absent, empty or holding only pictures of this bundle's outputs, unless
     FORCE) and written only when both are ready; a failure leaves neither. TRUST: a public key the
     bundle's signature must verify with (default $BDP_TRUST)."""
-    from bdp.files import atomic_folder, check_output_file, check_output_folder, remove_quietly
+    from bdp.files import (atomic_folder, check_output_file, check_output_folder, is_inside, refuse_inside,
+                           remove_quietly)
 
     from .bundle import host_can_run, load_bundle, read_manifest
 
     manifest = read_manifest(bundle_dir, trust=trust)
     if out_path:
         out_path = check_output_file(out_path, "output .npz")
+        refuse_inside(out_path, bundle_dir, "output .npz", "bundle")
+    inner = None  # the -o file's path inside the picture folder, when it lies there
     if viz_dir:
-        viz_dir = check_output_folder(viz_dir, _viz_owned(manifest), force, "picture folder")
-    if out_path and viz_dir and out_path == viz_dir:
-        raise InputError(f"{out_path}: -o and --viz name the same path")
+        refuse_inside(viz_dir, bundle_dir, "picture folder", "bundle")
+        viz_abs = os.path.abspath(os.fspath(viz_dir))
+        if out_path and out_path == viz_abs:
+            raise InputError(f"{out_path}: -o and --viz name the same path")
+        if out_path and out_path.startswith(viz_abs.rstrip(os.sep) + os.sep):
+            inner = os.path.relpath(out_path, viz_abs).replace(os.sep, "/")
+            if inner in {f"{n}.png" for n in manifest.output_names} | {"overview.png"}:
+                raise InputError(f"{out_path}: -o names a picture that --viz writes; choose another name")
+        if input_path is not None and is_inside(input_path, viz_abs):
+            raise InputError(f"{input_path}: the input lies inside the picture folder {viz_abs}, which --viz "
+                             "replaces; keep inputs outside it")
+        viz_dir = check_output_folder(viz_dir, _viz_owned(manifest, inner), force, "picture folder")
     x, image = load_input(input_path, manifest)
     ok, _why = host_can_run(manifest)
     if ok:
@@ -146,9 +162,13 @@ def run_bundle(bundle_dir, input_path, out_path=None, viz_dir=None, force=False,
         if viz_dir:
             from .viz import save_pictures
 
-            with atomic_folder(viz_dir, _viz_owned(manifest), force, "picture folder") as tmp:
+            with atomic_folder(viz_dir, _viz_owned(manifest, inner), force, "picture folder") as tmp:
                 save_pictures(tmp, outputs, manifest, image=image, x=x, source=input_path)
-                if out_path:
+                if inner:  # -o inside the picture folder: written into the folder being built
+                    dest = os.path.join(tmp, *inner.split("/"))
+                    os.makedirs(os.path.dirname(dest), exist_ok=True)
+                    save_npz(dest, outputs)
+                elif out_path:
                     save_npz(out_path, outputs)  # inside: a failure here leaves no pictures
         elif out_path:
             save_npz(out_path, outputs)
