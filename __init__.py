@@ -16,11 +16,17 @@ __version__ = "0.1.0"
 __all__ = ["compile", "load", "load_model", "__version__"]
 
 
-def compile(model, target="x86", out="bundle", **kwargs):  # noqa: A001 - the contract's name
-    """Compile MODEL (.pt checkpoint, .pt2 program or .onnx) for TARGET into the bundle folder OUT."""
+def compile(model, example_input=None, *, target="x86", out="bundle", **kwargs):  # noqa: A001 - the contract's name
+    """Compile MODEL for TARGET into the bundle folder OUT; returns OUT.
+
+    MODEL: a path (a bdp checkpoint ``.pt``, a ``torch.export`` program ``.pt2``, an ``.onnx``
+    file) or a ``torch.nn.Module`` with EXAMPLE_INPUT, a tensor of the input's shape (the module
+    is exported in eval mode with ``torch.export``, then compiled as a ``.pt2`` is). Keyword
+    arguments: ``input_shape``, ``require_binary`` (refuse 1-bit layers left in float), ``verify``,
+    ``options``, ``sign``, ``force``, ... (see ``bdp compile --help``)."""
     from bdp.toolchain.compile import compile_model
 
-    return compile_model(model, target=target, out=out, **kwargs)
+    return compile_model(model, target=target, out=out, example_input=example_input, **kwargs)
 
 
 def load(bundle_dir, trust=None):

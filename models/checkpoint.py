@@ -58,6 +58,22 @@ def _check_archive(path):
                          f"{MAX_BYTES / 2**30:.0f} GiB")
 
 
+# what a PyTorch user with their own network does instead of handing bdp a pickle or a state_dict
+BRING_YOUR_OWN = ("Export the network: torch.export.save(torch.export.export(model.eval(), (x,)), 'model.pt2') and "
+                  "`bdp compile model.pt2`, or torch.onnx.export to .onnx, or from Python "
+                  "bdp.compile(model, x, target=...)")
+
+
+def _looks_like_weights(obj, depth=0) -> bool:
+    """A mapping of names to tensors (a state_dict), or a training checkpoint holding one."""
+    if not isinstance(obj, dict) or not obj or depth > 2:
+        return False
+    if all(isinstance(k, str) for k in obj) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return True
+    return any(_looks_like_weights(v, depth + 1) for k, v in obj.items() if k in ("state_dict", "model", "net",
+                                                                                   "model_state_dict", "weights"))
+
+
 def read_checkpoint(path) -> dict:
     """Read and validate a checkpoint dict (``weights_only=True``); InputError on anything wrong."""
     path = str(path)
@@ -69,8 +85,17 @@ def read_checkpoint(path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, zip errors, refused globals
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = str(e).strip()
+        if "Weights only load failed" in text or "weights_only" in text:
+            # torch.save(model): a pickle of the module's class, which only running code from the
+            # file could rebuild; bdp never does
+            raise InputError(f"{path}: a whole pickled model (torch.save(model)); bdp never unpickles code from a "
+                             f"file. {BRING_YOUR_OWN}") from None
+        first = text.splitlines()[0] if text else type(e).__name__
         raise InputError(f"{path}: not a loadable bdp checkpoint ({first[:200]})") from None
+    if isinstance(ckpt, dict) and ckpt.get("format") != FORMAT and _looks_like_weights(ckpt):
+        raise InputError(f"{path}: a state_dict (weights without the network's code): bdp cannot rebuild your "
+                         f"architecture from it. {BRING_YOUR_OWN}")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise InputError(f"{path}: not a bdp checkpoint (no 'format': '{FORMAT}' entry); "
                          "save models with bdp train / bdp init")

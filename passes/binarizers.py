@@ -71,7 +71,7 @@ class Binarized:
 class Form:
     name: str
     doc: str
-    match: Callable[[gs.Tensor], "Binarized | None"]
+    match: "Callable[[gs.Tensor], Binarized | None] | None"
     reader_threshold: Callable | None = None  # (NodeProto, input index, scalar consts) -> t or None
     zero_is_zero: bool = False
 
@@ -182,11 +182,25 @@ WHERE = Form("Where", "Where(x >= t, s, -s) and every comparison spelling (>=, >
 BIPOLAR_QUANT = Form("BipolarQuant", "QONNX BipolarQuant(x, s) = s * (x >= 0 ? 1 : -1)", _match_bipolar_quant,
                      _reader_bipolar)
 
-FORMS: tuple[Form, ...] = (SIGN, WHERE, BIPOLAR_QUANT)  # ste_sign is found by SIGN's matcher
+STRAIGHT_THROUGH = Form("straight-through", "training code's identities: sign(x) - p(x) + p(x) (ReActNet, Bi-Real, IR-Net, "
+                                          "FDA), x + stop_gradient(-x + q(x)) (QKeras), a tensor and its negation "
+                                          "cancelled by the cancel-terms pass, then any form here", None)
+TWO_VALUED = Form("two-valued", "any elementwise expression of comparisons, Sign, Where, Abs, Clip, Round, casts and "
+                                "constants that takes two values {lo, hi} split at one threshold (QKeras "
+                                "sign(x) + (1 - |sign(x)|), {0, 1} activations, AdaBin b * sign(x - c) + c): the "
+                                "value-set analysis (passes/values.py) and the two-valued pass", None)
+
+# Every spelling, in the order match() tries them. A form with ``match=None`` is found by another
+# form's matcher (ste_sign by Sign's) or by a pass of its own (named in its doc).
+FORMS: tuple[Form, ...] = (SIGN, LARQ_STE_SIGN, WHERE, BIPOLAR_QUANT, STRAIGHT_THROUGH, TWO_VALUED)
 
 
 def _match_plain(t) -> Binarized | None:
+    seen = set()
     for f in FORMS:
+        if f.match is None or f.match in seen:
+            continue
+        seen.add(f.match)
         b = f.match(t)
         if b is not None:
             return b
@@ -220,8 +234,10 @@ def match(t: gs.Tensor, scaled=True) -> Binarized | None:
 def reader_threshold(node, index: int, consts: dict):
     """The threshold at which ONNX NODE binarizes its input number INDEX (as the first node of a
     binarizer form), or None. CONSTS: scalar constants of the model by name."""
-    for f in (SIGN, WHERE, BIPOLAR_QUANT):
-        if f.reader_threshold is not None:
+    seen = set()
+    for f in FORMS:
+        if f.reader_threshold is not None and f.reader_threshold not in seen:
+            seen.add(f.reader_threshold)
             t = f.reader_threshold(node, index, consts)
             if t is not None:
                 return t
@@ -269,6 +285,6 @@ def consumers_binarizing(t: gs.Tensor, depth=3) -> list[Binarized]:
 
 def describe() -> list[tuple[str, str]]:
     """(name, what) of every form, for ``bdp passes`` and the README."""
-    return [(f.name, f.doc) for f in (SIGN, LARQ_STE_SIGN, WHERE, BIPOLAR_QUANT)] + [
+    return [(f.name, f.doc) for f in FORMS] + [
         ("scaled", "any of these times a scalar constant: Mul(b, s), Mul(s, b), Div(b, s) (XNOR-Net, QONNX, "
                    "Brevitas)")]

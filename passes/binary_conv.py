@@ -70,16 +70,59 @@ def _pad_attrs(pad: gs.Node):
     return value, [begin[0], begin[1], end[0], end[1]]
 
 
-def sign_scale(w: np.ndarray, rtol=1e-6):
-    """(wsign, alpha) if every output channel of W is +/-alpha_m, else None."""
+def roundoff_tol(alpha):
+    """How far a constant-folded +/-alpha may stray from alpha and still be read as alpha.
+
+    Training code writes a binary weight as a straight-through identity, ``(alpha * sign(w)) -
+    clip(w) + clip(w)``, which the exporter folds in float32: each add rounds to half an ulp of
+    its largest term (the clipped latent weight, |w| <= 1 in ReActNet and Bi-Real Net, a few units
+    elsewhere), so the folded value is alpha to about 2^-23 absolute, whatever alpha is. The
+    tolerance is that round-off for cancelled terms up to 4 in magnitude (2^-21), or 1e-6 relative,
+    and never more than 1e-3 relative (a layer whose weights spread more is not binary)."""
+    alpha = np.asarray(alpha, np.float64)
+    return np.minimum(np.maximum(1e-6 * alpha, 2.0 ** -21), 1e-3 * alpha)
+
+
+def sign_scale(w: np.ndarray, rtol=None):
+    """(wsign, alpha) if every output channel of W is +/-alpha_m (to float32 round-off of the
+    expression that folded it: :func:`roundoff_tol`), else None. alpha_m is the mean |W| of the
+    channel."""
     m = w.shape[0]
     flat = np.abs(w.reshape(m, -1).astype(np.float64))
-    alpha = flat.max(axis=1)
-    lo = flat.min(axis=1)
-    if np.any(alpha - lo > rtol * np.maximum(alpha, 1e-30)):
+    if not np.all(np.isfinite(flat)):
+        return None
+    alpha = flat.mean(axis=1) if flat.shape[1] else np.zeros(m)
+    tol = roundoff_tol(alpha) if rtol is None else rtol * np.maximum(alpha, 1e-30)
+    if np.any(np.abs(flat - alpha[:, None]) > tol[:, None]):
         return None
     wsign = np.where(w >= 0, 1.0, -1.0).astype(np.float32)
     return wsign, alpha.astype(np.float32)
+
+
+def two_levels(w: np.ndarray):
+    """(mu, sig, ws) when every output channel m of W takes two values mu_m -/+ sig_m (to
+    :func:`roundoff_tol` of sig_m), ws = +/-1 saying which; or one value (sig_m = 0). Else None."""
+    m = w.shape[0]
+    flat = w.reshape(m, -1).astype(np.float64)
+    if not np.all(np.isfinite(flat)) or flat.shape[1] == 0:
+        return None
+    mu, sig, ws = np.zeros(m), np.zeros(m), np.ones_like(flat)
+    for i, row in enumerate(flat):
+        srt = np.sort(row)
+        gaps = np.diff(srt)
+        if gaps.size == 0 or gaps.max() == 0:
+            mu[i] = srt[0]
+            continue
+        k = int(np.argmax(gaps))
+        lo, hi = srt[: k + 1], srt[k + 1:]
+        lo_v, hi_v = lo.mean(), hi.mean()
+        s = (hi_v - lo_v) / 2.0
+        tol = float(roundoff_tol(max(abs(lo_v), abs(hi_v))))
+        if lo.max() - lo.min() > 2 * tol or hi.max() - hi.min() > 2 * tol or s <= 2 * tol:
+            return None
+        mu[i], sig[i] = (hi_v + lo_v) / 2.0, s
+        ws[i] = np.where(row > (lo.max() + hi.min()) / 2.0, 1.0, -1.0)
+    return mu, sig, ws.reshape(w.shape)
 
 
 _DEQUANT = ("Mul", "Div", "Add", "Sub")
@@ -293,11 +336,34 @@ def report_float(model, report):
 
     graph = to_gs(model)
     for n in graph.nodes:
-        if n.domain == BDP or n.op not in ("Conv", "ConvTranspose", "MatMul", "Gemm") or n.name in report.left_float:
+        if n.domain == BDP or n.op not in ("Conv", "ConvTranspose", "MatMul", "Gemm"):
             continue
-        binarized = any(binarizers.match(t) is not None for t in n.inputs[:2] if isinstance(t, gs.Variable))
-        if binarized and n.op != "Conv":
-            report.leave(n.name, n.op, f"binarized {n.op}: bdp has no packed-bit kernel for it yet (runs in float)")
-        else:
-            report.leave(n.name, n.op, float_input_reason(n))
+        if n.name not in report.left_float:
+            binarized = any(binarizers.match(t) is not None for t in n.inputs[:2] if isinstance(t, gs.Variable))
+            if binarized and n.op != "Conv":
+                report.leave(n.name, n.op, f"binarized {n.op}: bdp has no packed-bit kernel for it yet (runs in float)")
+            else:
+                report.leave(n.name, n.op, float_input_reason(n))
+        if one_bit_weights(n):
+            report.one_bit_float[n.name] = report.left_float[n.name][1]
     return model
+
+
+def one_bit_weights(node) -> bool:
+    """NODE (Conv, ConvTranspose, MatMul, Gemm) has constant weights of two values per output
+    channel (+/-alpha, or {mu - sig, mu + sig}): a layer its author binarized."""
+    w = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    if w is None or w.ndim < 2 or w.size < 2:
+        return False
+    w = np.asarray(w, np.float32)
+    if node.op == "ConvTranspose":
+        w = np.swapaxes(w, 0, 1)
+    elif node.op == "MatMul" or (node.op == "Gemm" and not int(node.attrs.get("transB", 0))):
+        w = np.swapaxes(w, -1, -2).reshape(-1, w.shape[-2])
+    per = w.reshape(w.shape[0], -1)
+    if per.shape[1] < 2 or np.all(per == per[:, :1]):
+        return False  # one value per channel (a box filter, a mean) is no binarized layer
+    if sign_scale(w) is not None:
+        return True
+    lv = two_levels(w)
+    return lv is not None and bool(np.any(lv[1] > 0))

@@ -38,10 +38,12 @@ class Report:
     left_float: dict = field(default_factory=dict)  # node name -> (op_type, reason)
     notes: list = field(default_factory=list)
     verified: list = field(default_factory=list)  # (pass, max relative diff, node by node)
+    one_bit_float: dict = field(default_factory=dict)  # node name -> reason: 1-bit weights, left in float
 
     def fuse(self, pass_name, node_name, what):
         self.fused.append((pass_name, node_name, what))
         self.left_float.pop(node_name, None)
+        self.one_bit_float.pop(node_name, None)
 
     def leave(self, node_name, op_type, reason):
         self.left_float[node_name] = (op_type, reason)
@@ -52,6 +54,7 @@ class Report:
             "left_float": [{"node": n, "op": o, "reason": r} for n, (o, r) in sorted(self.left_float.items())],
             "notes": list(self.notes),
             "verified": [{"pass": p, "max_relative_diff": d} for p, d in self.verified],
+            "one_bit_float": [{"node": n, "reason": r} for n, r in self.one_bit_float.items()],
         }
 
 

@@ -38,7 +38,7 @@ import wild_models as W
 
 RTOL = 1e-3
 
-FAST = {"larq/QuickNet", "brevitas/tfc_1w1a/torchscript", "torch/transpose/dynamo", "torch/rank3/torchscript"}
+FAST = {"larq/QuickNet", "qkeras/qkeras_binary_01", "brevitas/tfc_1w1a/torchscript", "torch/transpose/dynamo", "torch/rank3/torchscript"}
 # torch patterns run as the dynamo exporter (torch.onnx's default) writes them, and also as the
 # TorchScript exporter does where its graph differs (another op chain from binarizer to layer,
 # tests/fixtures/wild/SURVEY.md): Flatten vs Reshape, MatMul vs Gemm, an explicit zero Pad

@@ -7,6 +7,8 @@ bdp and compare the bundle with the framework that made it.
 - ``larq_model(name)``: the Larq Zoo networks (TensorFlow + tf2onnx), committed as fixtures in
   tests/fixtures/wild/ (made by make_larq.py there; CI has no TensorFlow), with TensorFlow's
   outputs. NHWC input, batch left open by tf2onnx.
+- ``qkeras_model(name)``: QKeras conv nets with binary quantizers (``binary(alpha=1)``,
+  ``binary()``, ``alpha="auto"``, ``use_01=True``), tf2onnx, committed the same way (make_qkeras.py).
 - ``bnn_pynq(name, exporter)``: Brevitas' own bnn_pynq TFC/SFC/LFC/CNV at 1W1A, exported with
   brevitas' ``export_qonnx`` (TorchScript or dynamo), optionally through qonnx's
   ``cleanup_model``; torch outputs. Needs the ``test`` extra (brevitas, qonnx).
@@ -33,6 +35,7 @@ import onnx
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "wild")
 LARQ = ("QuickNet", "QuickNetSmall", "BiRealNet", "BinaryDenseNet28", "RealToBinaryNet", "BinaryAlexNet")
+QKERAS = ("qkeras_binary_alpha1", "qkeras_binary", "qkeras_binary_auto", "qkeras_binary_01")
 BNN_PYNQ = ("tfc_1w1a", "sfc_1w1a", "lfc_1w1a", "cnv_1w1a")
 EXPORTERS = ("torchscript", "dynamo")
 MARGIN = 1e-6
@@ -76,6 +79,15 @@ def larq_model(name):
     return WildModel(name=f"larq/{name}", model=onnx.load_from_string(larq_fixture_bytes(name)),
                      inputs=[x[None] for x in io_["x"]], outputs=[y[None] for y in io_["y"]],
                      binary_layers=int(io_["binary_layers"]), source="larq-zoo 2.4.0 / TF 2.15 / tf2onnx 1.17")
+
+
+def qkeras_model(name):
+    """QKeras network NAME (one of QKERAS, made by make_qkeras.py) as tf2onnx wrote it, with
+    TensorFlow's outputs (NHWC inputs)."""
+    io_ = np.load(os.path.join(FIXTURES, name + ".io.npz"))
+    return WildModel(name=f"qkeras/{name}", model=onnx.load(os.path.join(FIXTURES, name + ".onnx")),
+                     inputs=[x[None] for x in io_["x"]], outputs=[y[None] for y in io_["y"]],
+                     binary_layers=int(io_["binary_layers"]), source="qkeras 0.9.0 / TF 2.15 / tf2onnx 1.17")
 
 
 # --------------------------------------------------------------------------- shared torch helpers
@@ -422,6 +434,7 @@ def catalogue():
     """Every wild model as (name, builder): the Larq fixtures, bnn_pynq under both exporters
     (and TorchScript + qonnx cleanup), every pattern under both exporters."""
     out = [(f"larq/{n}", lambda n=n: larq_model(n)) for n in LARQ]
+    out += [(f"qkeras/{n}", lambda n=n: qkeras_model(n)) for n in QKERAS]
     for n in BNN_PYNQ:
         for e in EXPORTERS:
             out.append((f"brevitas/{n}/{e}", lambda n=n, e=e: bnn_pynq(n, e)))

@@ -343,9 +343,11 @@ def export_cmd(model, out, input_shape, plain, trust_model):
               "deleting everything in it")
 @click.option("--sign", "sign_key", default=None, metavar="KEY", help="sign the bundle with this private key "
               "(`bdp keys new`): manifest.sig, checked by --trust")
+@click.option("--require-binary", is_flag=True, help="fail (exit 2) when a layer with 1-bit weights would run in "
+              "float, instead of the warning")
 @guarded
 def compile_cmd(model, target, out, input_shape, pipeline, dump_after, verify, no_reference, options, trust_model,
-                force, sign_key):
+                force, sign_key, require_binary):
     """Compile MODEL (.pt, .pt2 or .onnx) into a bundle folder for TARGET."""
     _quiet_tvm()
     from .bundle import read_manifest
@@ -357,7 +359,7 @@ def compile_cmd(model, target, out, input_shape, pipeline, dump_after, verify, n
     compile_model(model, target=target, out=out, input_shape=parse_shape(input_shape), pipeline=pipeline,
                   dump_after=dump_after, verify=verify, reference=not no_reference,
                   progress=sys.stderr.isatty(), options=CompileOptions.parse(options), trust_model=trust_model,
-                  force=force, sign=sign_key)
+                  force=force, sign=sign_key, require_binary=require_binary)
     man = read_manifest(out, verify=False, trust=False)
     st = man.stats
     click.echo(f"wrote {out}/ for {target}: {st['binary_convs']} binary convs (packed-bit), {st['fp_convs']} float convs, "

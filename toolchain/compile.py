@@ -16,7 +16,7 @@ import bdp
 from bdp.errors import InputError
 
 from .bundle import LIBRARY, atomic_bundle, finalize_manifest
-from .loading import task_of, to_onnx
+from .loading import is_module, model_name, task_of, to_onnx
 from .manifest import safe_output_name
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -105,6 +105,22 @@ def _weights_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
+def _no_silent_float(name, report, require_binary):
+    """Layers with 1-bit weights that the passes left in float: one warning line on stderr, or
+    with REQUIRE_BINARY an input error (exit 2) naming the first and why."""
+    left = report.one_bit_float
+    if not left:
+        return
+    first, why = next(iter(left.items()))
+    msg = (f"{len(left)} layer{'s' if len(left) > 1 else ''} with 1-bit weights run{'' if len(left) > 1 else 's'} "
+           f"in float (first: {first}: {why})")
+    if require_binary:
+        raise InputError(f"{name}: {msg}; without --require-binary they compile in float")
+    import sys
+
+    print(f"bdp: warning: {msg}", file=sys.stderr)
+
+
 def _stats(final, source, report):
     from bdp.passes.links import link_stats
     from bdp.passes.ops import DOMAIN
@@ -117,6 +133,7 @@ def _stats(final, source, report):
         "weights_bytes": _weights_bytes(final),
         "source_weights_bytes": _weights_bytes(source),
         "left_float": len(report.left_float),
+        "one_bit_float": len(report.one_bit_float),  # layers with 1-bit weights left in float
         # binary conv -> binary conv links: packed bits, or float (the output is also read as a
         # float, e.g. by a shortcut)
         "binary_links": link_stats(final),
@@ -194,7 +211,7 @@ def _passes_owned(folder):
 
 def compile_model(model, target="x86", out="bundle", *, input_shape=None, pipeline="default", dump_after=None,
                   verify=False, reference=True, progress=False, report_path=None, options=None, trust_model=False,
-                  force=False, sign=None):
+                  force=False, sign=None, example_input=None, require_binary=False):
     """Compile MODEL for TARGET into bundle folder OUT; returns OUT. See ``bdp compile --help``.
 
     OUT (and ``OUT.passes/`` with DUMP_AFTER) are checked before any work: an existing folder is
@@ -237,12 +254,12 @@ def compile_model(model, target="x86", out="bundle", *, input_shape=None, pipeli
         dump_dir = (stack.enter_context(atomic_folder(dump_final, _passes_owned, force, "pass dump folder"))
                     if dump_final else None)
         _compile(model, target, out, input_shape, pipeline, dump_after, dump_dir, dump_final, verify, reference,
-                 progress, trust_model, force, sign, options)
+                 progress, trust_model, force, sign, options, example_input, require_binary)
     return out
 
 
-def _compile(model, target, out, input_shape, pipeline, dump_after, dump_dir, dump_final, verify, reference,
-             progress, trust_model, force, sign, options):
+def _compile(module_or_path, target, out, input_shape, pipeline, dump_after, dump_dir, dump_final, verify, reference,
+             progress, trust_model, force, sign, options, example_input=None, require_binary=False):
     from bdp.passes import attach_functions, run_pipeline
     from bdp.passes.core import run_onnxruntime
     from bdp.targets.lower import build, check_supported, export_library, import_onnx
@@ -251,7 +268,9 @@ def _compile(model, target, out, input_shape, pipeline, dump_after, dump_dir, du
     spec = get_target(target)
     stages = _Stages(progress, 6)
     stages("load")
-    source, info = to_onnx(str(model), input_shape, trust_model=trust_model)
+    model = model_name(module_or_path)  # the path, or how messages name a module
+    source, info = to_onnx(module_or_path if is_module(module_or_path) else model, input_shape,
+                           trust_model=trust_model, example_input=example_input)
     inp = _graph_input(source)
     shape = _resolve_shape(inp, info.get("input_shape") if info["source"] != "onnx" else input_shape, model)
     source = _fix_input_shape(source, inp.name, shape)
@@ -261,6 +280,7 @@ def _compile(model, target, out, input_shape, pipeline, dump_after, dump_dir, du
                                  shapes={inp.name: shape})
     if dump_dir:  # the notes name the folder the dumps end up in, not the temporary one
         report.notes = [n.replace(dump_dir, dump_final) for n in report.notes]
+    _no_silent_float(model, report, require_binary)
     check_supported(final)
     stages("shapes")
     x0 = np.zeros(shape, np.float32)

@@ -191,12 +191,21 @@ def export_torch(module_or_program, input_shape, output_names=None):
     import torch
 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    import onnx
+
     x = torch.zeros(input_shape)
-    with warnings.catch_warnings(), _quiet():
-        warnings.simplefilter("ignore")
-        prog = torch.onnx.export(module_or_program, (x,), dynamo=True, verbose=False, optimize=True,
-                                 input_names=["input"], external_data=False)
-    model = prog.model_proto
+    for optimize in (True, False):
+        with warnings.catch_warnings(), _quiet():
+            warnings.simplefilter("ignore")
+            prog = torch.onnx.export(module_or_program, (x,), dynamo=True, verbose=False, optimize=optimize,
+                                     input_names=["input"], external_data=False)
+        model = prog.model_proto
+        try:  # the exporter's optimizer has written graphs that name a constant it dropped (torch 2.13,
+            onnx.checker.check_model(model)  # the same clamp written twice): then export without it
+            break
+        except onnx.checker.ValidationError:
+            if not optimize:
+                raise
     if output_names:
         rename_outputs(model, output_names)
     return model
@@ -245,12 +254,70 @@ def task_of(name: str) -> str:
     return "unknown"
 
 
-def to_onnx(path, input_shape=None, trust_model=False):
-    """(ONNX ModelProto, info) for MODEL at PATH in any supported form. TRUST_MODEL loads a
-    ``.pt2`` without inspecting it first (``--trust-model``).
+def is_module(obj) -> bool:
+    """OBJ is a torch.nn.Module (without importing torch when it is a path)."""
+    if isinstance(obj, (str, bytes, os.PathLike)):
+        return False
+    import torch
+
+    return isinstance(obj, torch.nn.Module)
+
+
+def model_name(obj) -> str:
+    """How messages name a model: its path, or ``<ClassName module>``."""
+    return f"<{type(obj).__name__} module>" if is_module(obj) else str(obj)
+
+
+def module_to_onnx(module, example_input=None, input_shape=None):
+    """(ONNX ModelProto, info) of a torch.nn.Module: exported in eval mode with ``torch.export``
+    on EXAMPLE_INPUT (a tensor, or a tuple of one), then to ONNX by torch's dynamo exporter, as a
+    ``.pt2`` file is. The module's own training mode is left as it was."""
+    import torch
+
+    name = model_name(module)
+    if example_input is None and input_shape:
+        example_input = torch.zeros(tuple(input_shape))
+    if isinstance(example_input, (tuple, list)):
+        if len(example_input) != 1:
+            raise InputError(f"{name}: bdp compiles networks of one input tensor; got {len(example_input)} example inputs")
+        example_input = example_input[0]
+    if example_input is None:
+        raise InputError(f"{name}: a torch.nn.Module needs an example input: bdp.compile(model, x, target=...)")
+    if not isinstance(example_input, torch.Tensor):
+        raise InputError(f"{name}: the example input is a {type(example_input).__name__}, expected a torch.Tensor")
+    x = example_input.detach().to(torch.float32)
+    shape = tuple(int(d) for d in x.shape)
+    check_input_size(shape, f"{name}: example input of shape {','.join(map(str, shape))}")
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            out = module(x)
+        prog = torch.export.export(module, (x,))
+        model = export_torch(prog, shape)
+    except InputError:
+        raise
+    except Exception as e:  # the user's module: whatever torch.export or the exporter refuses in it
+        msg = str(e).strip().splitlines()
+        raise InputError(f"{name}: cannot export this module to ONNX ({(msg[0] if msg else type(e).__name__)[:200]})") \
+            from None
+    finally:
+        module.train(was_training)
+    if isinstance(out, dict) and len(out) == len(model.graph.output) and all(isinstance(k, str) for k in out):
+        rename_outputs(model, list(out.keys()))
+    info = {"source": "module", "arch": getattr(module, "bdp_arch", None),
+            "config": dict(getattr(module, "bdp_config", {}) or {}), "input_shape": shape}
+    return model, info
+
+
+def to_onnx(path, input_shape=None, trust_model=False, example_input=None):
+    """(ONNX ModelProto, info) for MODEL at PATH in any supported form (or a torch.nn.Module with
+    EXAMPLE_INPUT). TRUST_MODEL loads a ``.pt2`` without inspecting it first (``--trust-model``).
 
     info: {"source": kind, "arch": name or None, "input_shape": tuple, "config": dict}
     """
+    if is_module(path):
+        return module_to_onnx(path, example_input, input_shape)
     kind = model_kind(path)
     shape = tuple(input_shape) if input_shape else None
     info = {"source": kind, "arch": None, "config": {}}
