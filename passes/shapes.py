@@ -20,12 +20,30 @@ from .core import register_pass
 from .graph import from_gs, to_gs
 
 
-def _static_shapes(model) -> dict:
+def _inferred(model):
     from .ops import attach_functions
 
     try:
-        inferred = onnx.shape_inference.infer_shapes(attach_functions(model), data_prop=True)
+        return onnx.shape_inference.infer_shapes(attach_functions(model), data_prop=True)
     except Exception:  # shape inference is advisory: without it nothing is folded
+        return None
+
+
+def elem_types(model) -> dict:
+    """{tensor name: ONNX element type} of every tensor shape inference types."""
+    inferred = _inferred(model)
+    out = {t.name: t.data_type for t in model.graph.initializer}
+    if inferred is None:
+        return out
+    for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
+            out[v.name] = v.type.tensor_type.elem_type
+    return out
+
+
+def _static_shapes(model) -> dict:
+    inferred = _inferred(model)
+    if inferred is None:
         return {}
     out = {}
     for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):

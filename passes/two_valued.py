@@ -29,7 +29,7 @@ from . import binarizers
 from .binary_conv import _pad_attrs, own_pads, sign_scale, two_levels
 from .core import register_pass
 from .graph import const_value, from_gs, to_gs
-from .shapes import _static_shapes
+from .shapes import _static_shapes, elem_types
 from .values import Analysis, describe_values, two_valued
 
 
@@ -303,10 +303,11 @@ def _binary_input(x):
 def two_valued_layers(model, report):
     graph = to_gs(model)
     shapes = _static_shapes(model)
-    an = Analysis()
+    types = elem_types(model)
+    an = Analysis(lambda t: isinstance(t, gs.Variable) and types.get(t.name) == 1)  # float32 sources only
     if _canonical_in_place(graph, an, report):
         graph.cleanup()
-        an = Analysis()
+        an = Analysis(an.source_ok)
     for n in [n for n in graph.nodes if n.op in ("Conv", "MatMul", "Gemm")]:
         if not n.inputs or not isinstance(n.inputs[0], gs.Variable) or len(n.inputs) < 2:
             continue

@@ -103,8 +103,10 @@ def _as_values(v):
 class Analysis:
     """Step functions of the tensors of one graph (memoized)."""
 
-    def __init__(self):
+    def __init__(self, source_ok=None):
         self.memo: dict[int, Step | None] = {}
+        # which tensors may be a source (the rewrites compare them with a float32 threshold)
+        self.source_ok = source_ok or (lambda t: True)
 
     def step(self, t) -> Step | None:
         key = id(t)
@@ -125,6 +127,8 @@ class Analysis:
             inner = self.step(n.inputs[0])
             if inner is not None:
                 return _map(inner, np.sign, n)
+            if not self.source_ok(n.inputs[0]):
+                return None
             return Step(n.inputs[0], (0.0, above(0.0)), (np.float32(-1), np.float32(0), np.float32(1)), [n])
         if op in ("Greater", "GreaterOrEqual", "Less", "LessOrEqual") and len(n.inputs) == 2:
             if not any(self.step(i) is not None for i in n.inputs):
@@ -132,6 +136,8 @@ class Analysis:
                 if got is None:
                     return None
                 x, thr, sense, _cmp = got
+                if not self.source_ok(x):
+                    return None
                 return Step(x, (thr,), (np.bool_(not sense), np.bool_(sense)), [n])
         if op in MOVES and n.inputs:
             inner = self.step(n.inputs[0])

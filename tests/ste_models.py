@@ -245,3 +245,126 @@ def export(model, x, how, path):
     else:
         torch.onnx.export(model, (x,), path, dynamo=False, opset_version=int(how[4:]), input_names=["x"])
     return path
+
+
+# ------------------------------------------------------------------ full-size networks (bench)
+class ReActBlock(nn.Module):
+    """ReActNet-A's block (MobileNetV1 layout): a binary 3x3 conv of in -> in channels (stride 1
+    or 2, average-pooled shortcut), then binary 1x1 conv(s) to the output width (two side by side,
+    concatenated, where the width doubles); learnable shifts and RPReLU around each."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.stride, self.double = stride, cout == 2 * cin
+        assert cout in (cin, 2 * cin)
+        self.move11, self.act = LearnableBias(cin), ReActSign()
+        self.binary_3x3 = STEConv(cin, cin, 3, stride, 1, style="reactnet")
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.rp1 = RPReLU(cin)
+        self.move21 = LearnableBias(cin)
+        self.pool = nn.AvgPool2d(2, 2) if stride == 2 else nn.Identity()
+        if self.double:
+            self.pw1, self.pw2 = STEConv(cin, cin, 1, 1, 0, style="reactnet"), STEConv(cin, cin, 1, 1, 0, style="reactnet")
+            self.bn21, self.bn22 = nn.BatchNorm2d(cin), nn.BatchNorm2d(cin)
+        else:
+            self.pw = STEConv(cin, cout, 1, 1, 0, style="reactnet")
+            self.bn2 = nn.BatchNorm2d(cout)
+        self.rp2 = RPReLU(cout)
+
+    def forward(self, x):
+        out1 = self.bn1(self.binary_3x3(self.act(self.move11(x)))) + self.pool(x)
+        out1 = self.rp1(out1)
+        b = self.act(self.move21(out1))
+        if self.double:
+            out2 = torch.cat([self.bn21(self.pw1(b)) + out1, self.bn22(self.pw2(b)) + out1], 1)
+        else:
+            out2 = self.bn2(self.pw(b)) + out1
+        return self.rp2(out2)
+
+
+class ReActNetA(nn.Module):
+    """ReActNet-A's layout: float 3x3/2 stem of 32, 13 blocks (31 binary convs), float head."""
+
+    WIDTHS = [(32, 64, 2), (64, 128, 1), (128, 128, 2), (128, 256, 1), (256, 256, 2), (256, 512, 1)] + \
+        [(512, 512, 1)] * 5 + [(512, 1024, 2), (1024, 1024, 1)]
+
+    def __init__(self, classes=1000, scale=1.0):
+        super().__init__()
+        w = lambda c: max(8, int(c * scale))  # noqa: E731
+        self.stem = nn.Sequential(nn.Conv2d(3, w(32), 3, 2, 1, bias=False), nn.BatchNorm2d(w(32)))
+        strides = [s for _, _, s in self.WIDTHS]
+        self.body = nn.Sequential(*[ReActBlock(w(a), w(b), s) for (a, b, _), s in zip(self.WIDTHS, strides)])
+        self.head = nn.Linear(w(1024), classes)
+
+    def forward(self, x):
+        y = self.body(self.stem(x))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+class BiRealBlock(nn.Module):
+    """Bi-Real Net's unit: sign -> binary 3x3 conv -> BN, plus the real-valued shortcut around
+    every binary conv (average pool + float 1x1 conv + BN where the shape changes)."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.act = ReActSign()
+        self.conv = STEConv(cin, cout, 3, stride, 1, style="bireal")
+        self.bn = nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.AvgPool2d(2, 2) if stride == 2 else nn.Identity(),
+                                      nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return self.bn(self.conv(self.act(x))) + (x if self.down is None else self.down(x))
+
+
+class BiReal18(nn.Module):
+    """Bi-Real-Net-18's layout: 7x7/2 float stem + max pool, 16 binary 3x3 convs, float head."""
+
+    def __init__(self, classes=1000, scale=1.0):
+        super().__init__()
+        w = lambda c: max(8, int(c * scale))  # noqa: E731
+        self.stem = nn.Sequential(nn.Conv2d(3, w(64), 7, 2, 3, bias=False), nn.BatchNorm2d(w(64)),
+                                  nn.MaxPool2d(3, 2, 1))
+        units, c = [], w(64)
+        for i, width in enumerate((64, 128, 256, 512)):
+            for j in range(4):
+                stride = 2 if (i > 0 and j == 0) else 1
+                units.append(BiRealBlock(c, w(width), stride))
+                c = w(width)
+        self.body = nn.Sequential(*units)
+        self.head = nn.Linear(c, classes)
+
+    def forward(self, x):
+        y = self.body(self.stem(x))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+FULL = {"reactnet-a": ReActNetA, "bireal-18": BiReal18}
+
+
+def build_full(name, size=224, seed=0, scale=1.0, classes=1000):
+    """A full-size network of FULL with trained-like statistics (as :func:`build`)."""
+    torch.manual_seed(seed)
+    model = FULL[name](classes=classes, scale=scale)
+    _trained_like(model, seed, (size, size))
+    return model
+
+
+def _trained_like(model, seed, size):
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "bias" in n and p.dim() == 4:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+            if "prelu" in n:
+                p.copy_(0.25 + 0.1 * torch.randn(p.shape, generator=g))
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(2, 3, *size, generator=g))
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.6, 1.4, generator=g)
+                m.bias.normal_(0, 0.3, generator=g)
+    return model.eval()

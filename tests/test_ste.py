@@ -256,3 +256,24 @@ def test_random_expression_dags_keep_their_outputs(seed):
         assert _packed(final) == 1, (report.left_float, report.notes)
     else:
         assert _packed(final) == 0, report.notes
+
+
+@pytest.mark.parametrize("name,how", [pytest.param(n, h, id=f"{n}-{h}", marks=() if h == "onnx17" else pytest.mark.slow)
+                                      for n in S.FULL for h in S.EXPORTS])
+def test_full_layouts_pack_every_binary_conv(name, how, tmp_path):
+    """ReActNet-A (31 binary convs) and Bi-Real-18 (16), narrowed to a quarter of their widths at
+    64x64: every binary conv packed, equal to PyTorch, whatever the exporter."""
+    from bdp.toolchain.compile import _fix_input_shape, _graph_input
+    from bdp.toolchain.loading import to_onnx
+
+    m = S.build_full(name, size=64, scale=0.25, classes=10)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = m(x).numpy()
+    path = S.export(m, x, how, str(tmp_path / ("m.pt2" if how == "pt2" else "m.onnx")))
+    model, _ = to_onnx(path, (1, 3, 64, 64))
+    inp = _graph_input(model)
+    model = _fix_input_shape(model, inp.name, (1, 3, 64, 64))
+    final, report = run_pipeline(model, "default", shapes={inp.name: (1, 3, 64, 64)})
+    assert _packed(final) == S.n_binary(m), (report.one_bit_float, report.left_float)
+    assert _rel(run_onnxruntime(final, {inp.name: x.numpy()})[0], ref) <= ROUNDOFF

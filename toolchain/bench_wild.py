@@ -7,6 +7,9 @@ The networks (see tests/wild_models.py and tests/fixtures/wild/README.md):
   own widths at 224x224, 1000 classes: what the zoo ships). Without ``--wild-dir``, the
   committed test fixtures (32-64 px inputs, narrowed widths): too small to say anything about
   speed, and the table marks them ``fixture``.
+* **Training code**: ReActNet-A and Bi-Real-18 written as their public training code writes
+  binarizers (straight-through identities, tests/ste_models.py), 224x224, exported by torch.onnx
+  (TorchScript, opset 17) and the dynamo exporter; PyTorch's outputs are the reference.
 * **Brevitas bnn_pynq** TFC/SFC/LFC/CNV at 1W1A, exported with ``export_qonnx``
   (TorchScript), at their own inputs (MNIST 1x28x28, CIFAR-10 3x32x32). They are built by
   tests/wild_models.py, so this part needs a source checkout and the ``test`` extra
@@ -229,6 +232,41 @@ def brevitas_networks(names):
     return out
 
 
+TRAINING_CODE = ("reactnet-a", "bireal-18")
+TRAINING_EXPORTS = ("onnx17", "dynamo")
+
+
+def training_code_networks(quick=False):
+    """[(name, onnx bytes, x, torch output, kind)]: ReActNet-A and Bi-Real-18 as their training
+    code writes them (straight-through binarizers, tests/ste_models.py) at 224x224, exported by
+    torch.onnx's TorchScript exporter (opset 17) and its dynamo exporter; or [(name, error)]."""
+    tests = _repo_tests()
+    names = TRAINING_CODE[:1] if quick else TRAINING_CODE
+    if tests is None:
+        return [(f"training-code/{n}", "no tests/ste_models.py (bdp is not running from a source checkout)")
+                for n in names]
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bdp_ste_models", os.path.join(tests, "ste_models.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    out = []
+    for n in names:
+        size = 112 if quick else 224
+        m = mod.build_full(n, size=size)
+        x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            want = m(x).numpy()
+        for how in TRAINING_EXPORTS[:1] if quick else TRAINING_EXPORTS:
+            with tempfile.TemporaryDirectory() as d:
+                path = mod.export(m, x, how, os.path.join(d, "m.onnx"))
+                with open(path, "rb") as f:
+                    data = f.read()
+            out.append((f"training-code/{n}/{how}", data, x.numpy(), want, "train code"))
+    return out
+
+
 def format_wild(rows) -> str:
     lines = ["binarized networks from the wild, x86, batch 1 (ms: median of interleaved runs; x = ORT FP32 / bdp)",
              f"  {'network':<26} {'input':<14} {'kind':<9} {'packed':>6} {'bin MAC':>7} {'bdp':>9} {'ORT FP32':>9} "
@@ -267,7 +305,8 @@ def run_wild(res, json_path, *, threads, quick=False, wild_dir=None, workdir=Non
     larq = larq_networks(wild_dir)
     if quick:
         larq = larq[:2]
-    nets = larq + brevitas_networks(BREVITAS[:1] + BREVITAS[3:] if quick else BREVITAS)
+    nets = larq + brevitas_networks(BREVITAS[:1] + BREVITAS[3:] if quick else BREVITAS) + \
+        training_code_networks(quick)
     rounds = 5 if quick else 20
     res["wild_source"] = wild_dir or "committed fixtures (small: not representative of speed)"
     res["wild"] = []
