@@ -12,7 +12,7 @@ register_pipeline("canonicalize", ["name-nodes", "qonnx-to-standard", "fold-shap
 register_pipeline("default", ["name-nodes", "qonnx-to-standard", "fold-shapes", "cancel-terms", "fold-constants",
                               "cancel-transposes", "fold-batchnorm", "two-valued", "sink-binarizers", "factor-sample-scale", "binary-convtranspose", "binary-matmul",
                               "binary-conv1d", "cancel-transposes", "fuse-binary-conv",
-                              "fold-binary-glue", "fold-sign-output", "report-float"])
+                              "fold-binary-glue", "fold-sign-output", "batchnorm-to-affine", "report-float"])
 
 __all__ = ["PASSES", "PIPELINES", "Pass", "Report", "register_pass", "register_pipeline", "run_pipeline",
            "DOMAIN", "attach_functions", "register_schemas"]

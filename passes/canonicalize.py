@@ -78,3 +78,40 @@ def fold_batchnorm(model, report):
         bn.inputs = []
         report.notes.append(f"folded {bn.name} into {conv.name}")
     return from_gs(graph, model)
+
+
+@register_pass("batchnorm-to-affine", "an inference BatchNormalization left in the graph (after a ReLU, a shortcut "
+                                      "add) -> Mul + Add by per-channel constants: no divide or sqrt at run time")
+def batchnorm_to_affine(model, report):
+    """``BN(x) = (x - mean) / sqrt(var + eps) * gamma + beta`` becomes ``x * s + t`` with
+    ``s = gamma / sqrt(var + eps)`` and ``t = beta - mean * s`` computed once here (float64, then
+    float32), as onnxruntime fuses it: the compiled kernel multiplies and adds per element
+    instead of a divide (and TVM's legalized sqrt) per element. Equal to float round-off."""
+    from .shapes import _static_shapes
+
+    if not any(n.op_type == "BatchNormalization" for n in model.graph.node):
+        return model
+    graph = to_gs(model)
+    shapes = _static_shapes(model)
+    count = 0
+    for bn in [n for n in graph.nodes if n.op == "BatchNormalization" and len(n.outputs) == 1]:
+        folded = fold_bn(bn)
+        x = bn.inputs[0]
+        shape = shapes.get(x.name) or getattr(x, "shape", None)
+        rank = len(shape) if shape is not None else None
+        if folded is None or rank is None or rank < 2:
+            continue
+        s, shift = folded
+        t = shift(np.zeros_like(s))
+        bshape = (-1,) + (1,) * (rank - 2)
+        y = bn.outputs[0]
+        mid = gs.Variable(bn.name + "_scaled", dtype=np.float32)
+        graph.nodes.append(gs.Node("Mul", name=bn.name + "_mul", inputs=[x, gs.Constant(
+            bn.name + "_s", s.astype(np.float32).reshape(bshape))], outputs=[mid]))
+        graph.nodes.append(gs.Node("Add", name=bn.name + "_add", inputs=[mid, gs.Constant(
+            bn.name + "_t", t.astype(np.float32).reshape(bshape))], outputs=[y]))
+        bn.inputs, bn.outputs = [], []
+        count += 1
+    if count:
+        report.notes.append(f"batchnorm-to-affine: {count} BatchNormalization(s) as a per-channel multiply-add")
+    return from_gs(graph, model)

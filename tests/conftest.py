@@ -8,6 +8,55 @@ import torch
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
+# The fast tier (`pytest -m "not slow"`, under 5 minutes on 2 cores) is every test that is not
+# marked slow by hand and took at most FAST_BUDGET_S seconds when last measured on a 2-core
+# machine: tests/durations.json, written by `pytest --record-durations tests/durations.json`.
+# A new test counts as fast until measured; CI runs every tier.
+FAST_BUDGET_S = 2.5
+DURATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "durations.json")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--record-durations", default=None, metavar="PATH",
+                     help="write each test's call duration (seconds, setup included) to PATH as JSON")
+
+
+def pytest_collection_modifyitems(config, items):
+    import json
+
+    try:
+        with open(DURATIONS) as f:
+            measured = json.load(f)
+    except (OSError, ValueError):
+        return
+    for item in items:
+        if measured.get(item.nodeid, 0.0) > FAST_BUDGET_S and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+
+
+_DURATIONS: dict = {}
+
+
+def pytest_runtest_logreport(report):
+    if report.when in ("setup", "call"):
+        _DURATIONS[report.nodeid] = _DURATIONS.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = session.config.getoption("--record-durations")
+    if path:
+        import json
+
+        old = {}
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            pass
+        old.update({k: round(v, 2) for k, v in _DURATIONS.items()})
+        with open(path, "w") as f:
+            json.dump(dict(sorted(old.items())), f, indent=0)
+
 
 def run_cli(*args, cwd=None, timeout=600):
     """Run `bdp ARGS...` in a subprocess; returns CompletedProcess (text)."""
