@@ -89,13 +89,13 @@ def read_checkpoint(path) -> dict:
         if "Weights only load failed" in text or "weights_only" in text:
             # torch.save(model): a pickle of the module's class, which only running code from the
             # file could rebuild; bdp never does
-            raise InputError(f"{path}: a whole pickled model (torch.save(model)); bdp never unpickles code from a "
-                             f"file. {BRING_YOUR_OWN}") from None
+            raise InputError(f"{path}: not a bdp checkpoint but a whole pickled model (torch.save(model)); bdp never "
+                             f"unpickles code from a file. {BRING_YOUR_OWN}") from None
         first = text.splitlines()[0] if text else type(e).__name__
         raise InputError(f"{path}: not a loadable bdp checkpoint ({first[:200]})") from None
     if isinstance(ckpt, dict) and ckpt.get("format") != FORMAT and _looks_like_weights(ckpt):
-        raise InputError(f"{path}: a state_dict (weights without the network's code): bdp cannot rebuild your "
-                         f"architecture from it. {BRING_YOUR_OWN}")
+        raise InputError(f"{path}: not a bdp checkpoint but a state_dict (weights without the network's code): bdp "
+                         f"cannot rebuild your architecture from it. {BRING_YOUR_OWN}")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise InputError(f"{path}: not a bdp checkpoint (no 'format': '{FORMAT}' entry); "
                          "save models with bdp train / bdp init")

@@ -59,7 +59,8 @@ def _mid_half(tv, rank, axis, c):
     if np.any(h == 0) or not np.all(np.isfinite(h)) or not np.all(np.isfinite(mid)):
         return None, "its two values are equal in some channel"
     if np.max(np.abs(h - h[0])) > 1e-6 * h[0]:
-        return None, "the gap between its two values differs per channel (the scale does not factor out)"
+        return None, ("it is a binarized tensor times a non-scalar scale: the gap between its two values differs "
+                      "per channel, which does not factor out of the binary dot product")
     return (mid, float(h[0]), np.sign(half)), ""
 
 

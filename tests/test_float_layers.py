@@ -86,7 +86,10 @@ def test_float_layer_matches_float64(layer):
     got, ort_out, ref = _run(layer)
     assert got.shape == ref.shape
     assert rel_err(got, ref) < 2e-6, rel_err(got, ref)
-    assert _rms_rel(got, ref) <= 1.1 * _rms_rel(ort_out, ref) + 1e-8, (_rms_rel(got, ref), _rms_rel(ort_out, ref))
+    # + 2^-24: the rounding of the float32 output itself. Below it the comparison is of a few equal
+    # errors in another order, and onnxruntime's own kernels differ by CPU (AVX-512 machines sum a
+    # 5x5x8 conv with about 0.75x the RMS its AVX2 kernels have)
+    assert _rms_rel(got, ref) <= 1.1 * _rms_rel(ort_out, ref) + 2.0 ** -24, (_rms_rel(got, ref), _rms_rel(ort_out, ref))
 
 
 def test_long_reduction_rounds_like_onnxruntime():
