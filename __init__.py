@@ -35,13 +35,13 @@ def load(bundle_dir, trust=None):
     TRUST: an Ed25519 public key file (``bdp keys new``); the bundle is refused unless its
     manifest is signed with the matching private key (default ``$BDP_TRUST``; without either,
     unsigned bundles load)."""
-    from bdp.toolchain.bundle import load_bundle
+    from bdp.toolchain.bundle.format import load_bundle
 
     return load_bundle(bundle_dir, trust=trust)
 
 
 def load_model(path):
     """The torch.nn.Module of a bdp checkpoint, in eval mode (loaded with weights_only=True)."""
-    from bdp.toolchain.loading import load_checkpoint
+    from bdp.toolchain.frontend.loading import load_checkpoint
 
     return load_checkpoint(path)

@@ -201,7 +201,7 @@ def spec_of_manifest(target: dict) -> TargetSpec | None:
     """The registry entry a bundle's manifest ``target`` record names (None: unknown here). A
     bundle built for ``x86`` is taken for the ISA it was built with (its TVM ``mcpu``), not this
     host's."""
-    if hasattr(target, "to_dict"):  # a toolchain.manifest.Target
+    if hasattr(target, "to_dict"):  # a toolchain.bundle.manifest.Target
         target = target.to_dict()
     if not isinstance(target, dict):
         return None

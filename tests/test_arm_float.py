@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import bdp
 from bdp.targets.devices import aarch64
-from bdp.toolchain.bench_float import layer_onnx, reference64, rel_err
+from bdp.toolchain.bench.float_layers import layer_onnx, reference64, rel_err
 
 from test_float_layers import ODD, _conv
 

@@ -69,7 +69,7 @@ def bundle(checkpoint):
 
 @pytest.fixture(scope="module")
 def profile_result(bundle):
-    from bdp.toolchain.profile import profile_local
+    from bdp.toolchain.runtime.profile import profile_local
 
     return profile_local(bundle, runs=5, warmup=1)
 
@@ -79,8 +79,8 @@ def profile_result(bundle):
 
 
 def test_profile_chart_png_and_svg(profile_result, tmp_path):
-    from bdp.toolchain.charts import short_op
-    from bdp.toolchain.profile import chart_png
+    from bdp.toolchain.runtime.charts import short_op
+    from bdp.toolchain.runtime.profile import chart_png
 
     res = profile_result
     assert res["per_op"] and res["fp32_onnxruntime"]
@@ -100,9 +100,9 @@ def test_profile_chart_png_and_svg(profile_result, tmp_path):
 
 
 def test_bench_chart_from_saved_json(tmp_path):
-    from bdp.toolchain import bench
-    from bdp.toolchain.bench_chart import chart_from_json
-    from bdp.toolchain.charts import fmt_x
+    from bdp.toolchain.bench import suite as bench
+    from bdp.toolchain.bench.chart import chart_from_json
+    from bdp.toolchain.runtime.charts import fmt_x
 
     res = json.load(open(BENCH_JSON))
     im = png(chart_from_json(BENCH_JSON, tmp_path / "b.png"))
@@ -127,7 +127,7 @@ def test_bench_chart_from_saved_json(tmp_path):
 
 
 def test_chart_extension_other_than_png_svg_is_exit_2(bundle, tmp_path):
-    from bdp.toolchain.charts import chart_format
+    from bdp.toolchain.runtime.charts import chart_format
 
     for bad in ("c.pdf", "c.jpg", "c"):
         with pytest.raises(InputError, match="png or .svg"):
@@ -140,7 +140,7 @@ def test_chart_extension_other_than_png_svg_is_exit_2(bundle, tmp_path):
     import subprocess
     import sys
 
-    p = subprocess.run([sys.executable, "-m", "bdp.toolchain.bench_chart", BENCH_JSON, str(tmp_path / "b.gif")],
+    p = subprocess.run([sys.executable, "-m", "bdp.toolchain.bench.chart", BENCH_JSON, str(tmp_path / "b.gif")],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "b.gif" in p.stderr and "Traceback" not in p.stderr
     assert not list(tmp_path.iterdir())
@@ -151,7 +151,7 @@ def test_chart_extension_other_than_png_svg_is_exit_2(bundle, tmp_path):
 
 
 def test_run_viz_pictures(bundle, tmp_path):
-    from bdp.toolchain.viz import PALETTE, PANEL_MIN_W
+    from bdp.toolchain.runtime.viz import PALETTE, PANEL_MIN_W
 
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
@@ -181,7 +181,7 @@ def test_pictures_of_every_task_from_a_real_model(tmp_path):
     task, each panel at least PANEL_MIN_W wide and the picture exactly the data."""
     from matplotlib import colormaps
 
-    from bdp.toolchain.viz import PANEL_MIN_W, render, save_pictures
+    from bdp.toolchain.runtime.viz import PANEL_MIN_W, render, save_pictures
 
     torch.manual_seed(0)
     net = like_trained(zoo.build("mtinet", width=8), shape=(1, 3, 24, 30))
@@ -216,7 +216,7 @@ def test_pictures_of_every_task_from_a_real_model(tmp_path):
 
 
 def test_class_names_from_manifest_or_numbered():
-    from bdp.toolchain.viz import render
+    from bdp.toolchain.runtime.viz import render
 
     y = np.zeros((3, 4, 5), np.float32)
     y[1, :1] = 1.0  # the top row class 1, the rest class 0
@@ -232,7 +232,7 @@ def test_class_names_from_manifest_or_numbered():
 
 
 def test_huge_image_is_an_input_error(bundle, tmp_path, monkeypatch):
-    from bdp.toolchain import run
+    from bdp.toolchain.runtime import run
 
     big = tmp_path / "big.png"
     Image.new("1", (12000, 12000)).save(big)  # 144 megapixels in a few kB
@@ -253,7 +253,7 @@ def test_huge_image_is_an_input_error(bundle, tmp_path, monkeypatch):
 
 
 def test_image_preprocessing_and_orientation(tmp_path):
-    from bdp.toolchain.run import load_image
+    from bdp.toolchain.runtime.run import load_image
 
     rng = np.random.default_rng(3)
     src = rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)

@@ -15,7 +15,7 @@ from bdp.models.checkpoint import save_checkpoint
 from bdp.models.layers import BiDenseConv
 from bdp.passes import run_pipeline
 from bdp.passes.core import random_inputs, run_onnxruntime
-from bdp.toolchain.loading import export_torch
+from bdp.toolchain.frontend.loading import export_torch
 
 from conftest import assert_close_outputs, like_trained
 

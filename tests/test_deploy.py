@@ -90,7 +90,7 @@ def test_image_in_pictures_out(x86_bundle, tmp_path):
         assert im.size[0] >= 2 * 320 and im.size[1] > 320 * SHAPE[2] // SHAPE[3]
     assert Image.open(tmp_path / "viz" / "overview.png").size[0] >= 3 * 320
     # the image path preprocesses as the manifest says: same result as the .npy of the same tensor
-    from bdp.toolchain.run import load_image
+    from bdp.toolchain.runtime.run import load_image
 
     man = json.loads(open(os.path.join(x86_bundle, "manifest.json")).read())
     xi, _ = load_image(tmp_path / "photo.jpg", man["input"]["preprocess"], man["input"]["shape"])
@@ -107,7 +107,7 @@ def test_bundle_runs_on_every_physical_core_by_default(x86_bundle):
     import sys
 
     probe = ("import os, sys, tvm_ffi\n"
-             "from bdp.toolchain.bundle import load_bundle\n"
+             "from bdp.toolchain.bundle.format import load_bundle\n"
              "b = load_bundle(sys.argv[1])\n"
              "b(__import__('numpy').zeros(b.input['shape'], 'float32'))\n"
              "print(tvm_ffi.get_global_func('runtime.NumThreads')(), os.environ['TVM_BIND_THREADS'])\n")

@@ -18,7 +18,7 @@ import bdp
 from bdp.errors import InputError
 from bdp.models import zoo
 from bdp.models.checkpoint import save_checkpoint
-from bdp.toolchain import estimate
+from bdp.toolchain.runtime import estimate
 
 from conftest import assert_close_outputs, assert_input_error, like_trained, run_cli
 
@@ -117,8 +117,8 @@ def test_int8_baseline_is_static_qdq_per_channel(tmp_path):
     import onnx
     from onnx import numpy_helper
 
-    from bdp.toolchain.bench import conv_layer_onnx, ort_int8_session, quantize_int8
-    from bdp.toolchain.profile import ort_session
+    from bdp.toolchain.bench.suite import conv_layer_onnx, ort_int8_session, quantize_int8
+    from bdp.toolchain.runtime.profile import ort_session
 
     model = conv_layer_onnx(16, 8, 10, binary=False)
     q = onnx.load(quantize_int8(model, str(tmp_path / "q.onnx"), "x", (1, 16, 8, 10)))
@@ -136,7 +136,7 @@ def test_int8_baseline_is_static_qdq_per_channel(tmp_path):
 
 def test_bench_layer_row_has_int8_and_isa(tmp_path):
     from bdp.targets.spec import get_target
-    from bdp.toolchain.bench import bench_layer, isa_name
+    from bdp.toolchain.bench.suite import bench_layer, isa_name
 
     spec = get_target("x86")
     row = bench_layer(64, 8, 10, threads=1, rounds=1, slow_rounds=1, spec=spec)
@@ -149,7 +149,7 @@ def test_bench_layer_row_has_int8_and_isa(tmp_path):
 @pytest.mark.slow
 def test_bench_rpi4_layer_row(tmp_path):
     """One small layer of ``bdp bench --target rpi4``: binary and float builds for rpi4, both estimated."""
-    from bdp.toolchain import bench_rpi4
+    from bdp.toolchain.bench import rpi4 as bench_rpi4
 
     row = bench_rpi4.bench_layer(64, 4, 5, str(tmp_path))
     assert row["bdp_max_rel_diff_vs_onnxruntime"] < 1e-5 and row["tvm_scheduled_max_rel_diff"] < 1e-4

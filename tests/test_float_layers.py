@@ -5,7 +5,7 @@ compile-time weight layouts they rely on."""
 import numpy as np
 import pytest
 
-from bdp.toolchain.bench_float import (FloatLayer, compile_layer, layer_onnx, reference64, rel_err,
+from bdp.toolchain.bench.float_layers import (FloatLayer, compile_layer, layer_onnx, reference64, rel_err,
                                        vm_callable)
 
 

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 
-from bdp.toolchain.bundle import sha256_file
+from bdp.toolchain.bundle.format import sha256_file
 from conftest import assert_input_error, run_cli
 from hostile_common import SHAPE, copy_bundle, shared_bundle
 

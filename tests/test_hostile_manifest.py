@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from bdp.errors import InputError
-from bdp.toolchain.manifest import Manifest
+from bdp.toolchain.bundle.manifest import Manifest
 from conftest import assert_input_error, run_cli
 from hostile_common import SHAPE, copy_bundle, shared_bundle
 

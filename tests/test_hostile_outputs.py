@@ -73,7 +73,7 @@ def test_recompile_keeps_files_a_user_put_in_a_bundle(bundle, model, tmp_path):
 def test_recompile_over_a_bundle_and_force(bundle, model, tmp_path):
     """A clean bundle is replaced; --force replaces any folder (and says nothing was kept)."""
     import bdp
-    from bdp.toolchain.bundle import read_manifest
+    from bdp.toolchain.bundle.format import read_manifest
 
     app = _web_app(tmp_path / "app")
     p = run_cli("compile", model, "-o", app, "--force")

@@ -122,7 +122,7 @@ def _assert_torch_runs_it(path, marker):
 
 
 def _refused(path, *needles):
-    from bdp.toolchain.loading import load_exported_program
+    from bdp.toolchain.frontend.loading import load_exported_program
 
     with pytest.raises(InputError) as e:
         load_exported_program(path)
@@ -134,7 +134,7 @@ def _refused(path, *needles):
 
 
 def test_plain_programs_load(programs):
-    from bdp.toolchain.loading import load_exported_program
+    from bdp.toolchain.frontend.loading import load_exported_program
 
     for name in ("static.pt2", "dyn.pt2"):
         prog = load_exported_program(programs / name)
@@ -210,7 +210,7 @@ def test_truncated_pt2_is_one_line(programs, tmp_path):
 
 def test_trust_model_loads_with_torch(programs, tmp_path):
     """--trust-model bypasses the inspection (torch.export.load): a plain program still compiles."""
-    from bdp.toolchain.loading import load_exported_program
+    from bdp.toolchain.frontend.loading import load_exported_program
 
     prog = load_exported_program(programs / "static.pt2", trust=True)
     assert isinstance(prog, torch.export.ExportedProgram)

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from bdp.errors import InputError
-from bdp.toolchain.bundle import finalize_manifest, sha256_file
-from bdp.toolchain.manifest import Manifest
+from bdp.toolchain.bundle.format import finalize_manifest, sha256_file
+from bdp.toolchain.bundle.manifest import Manifest
 from conftest import assert_input_error, run_cli
 from hostile_common import SHAPE, copy_bundle, shared_bundle, tiny_onnx
 

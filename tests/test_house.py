@@ -1,4 +1,5 @@
-"""The shape of the code: one-way layers, no import loops, no file over 800 lines."""
+"""The shape of the code: one-way layers and toolchain stages, no import loops (function-local
+imports included), no file over 800 lines."""
 
 import ast
 import os
@@ -12,6 +13,10 @@ ALLOWED = {
     "targets": {"targets", "passes", "errors", "files"},
     "toolchain": {"toolchain", "targets", "passes", "models", "errors", "files", "__init__"},
 }
+# toolchain/ by stage: a module may import its own stage and the ones before it, never a later one
+# (the CLI sits on top; compile is the frontend + passes + targets + bundle; bench and the demo
+# compile, run and time)
+STAGES = (("frontend",), ("bundle",), ("runtime",), ("compile",), ("bench", "demo"), ("cli", "cli_devices"))
 
 
 def _modules():
@@ -65,9 +70,33 @@ def test_layers_import_one_way():
     assert not bad, "\n".join(sorted(bad))
 
 
-def test_no_import_loops():
+def _stage(mod):
+    parts = mod.split(".")
+    if len(parts) < 3 or parts[1] != "toolchain":
+        return None
+    stage = next((i for i, names in enumerate(STAGES) if parts[2] in names), None)
+    assert stage is not None, f"{mod}: toolchain/{parts[2]} is in no stage of STAGES; add it to one"
+    return stage
+
+
+def test_toolchain_stages_import_one_way():
     mods = _modules()
-    graph = {m: {i for i in _imports(m, p, top_level_only=True) if i in mods and i != m} for m, p in mods.items()}
+    bad = []
+    for mod, path in mods.items():
+        stage = _stage(mod)
+        if stage is None:
+            continue
+        for name in _imports(mod, path, top_level_only=False):
+            if name in mods and _stage(name) is not None and _stage(name) > stage:
+                bad.append(f"{mod} ({'/'.join(STAGES[stage])}) imports {name} ({'/'.join(STAGES[_stage(name)])})")
+    assert not bad, "\n".join(sorted(bad))
+
+
+def test_no_import_loops():
+    """No cycle among bdp's modules, counting imports inside functions too: a loop hidden in a
+    function-local import is still a loop (the two modules cannot be understood apart)."""
+    mods = _modules()
+    graph = {m: {i for i in _imports(m, p, top_level_only=False) if i in mods and i != m} for m, p in mods.items()}
     # a package's __init__ importing its own submodules is how packages are built, not a loop
     for m in graph:
         graph[m] = {i for i in graph[m] if not (i.startswith(m + ".") and mods[m].endswith("__init__.py"))}

@@ -68,7 +68,7 @@ def aarch64_bundle(tmp_path_factory):
     import tvm
     from tvm import relax
 
-    from bdp.toolchain.bundle import finalize_manifest
+    from bdp.toolchain.bundle.format import finalize_manifest
 
     d = tmp_path_factory.mktemp("arm") / "b"
     d.mkdir()
@@ -217,7 +217,7 @@ def test_profile_via_tracker_and_key(x86_bundle, tracker, tmp_path):
 
 
 def test_device_from_config_file(x86_bundle, rpc_server, tmp_path, monkeypatch):
-    from bdp.toolchain import devices
+    from bdp.toolchain.runtime import boards as devices
 
     cfg = tmp_path / "boards" / "devices.json"
     monkeypatch.setenv("BDP_DEVICES", str(cfg))
@@ -241,7 +241,7 @@ def test_load_failure_names_both_sides(aarch64_bundle, rpc_server, monkeypatch):
     """A server that cannot say what it is (runtime-only tvm_rpc): the bundle is tried, and the
     load failure becomes one InputError naming the bundle's arch and the board."""
     from bdp.errors import InputError
-    from bdp.toolchain import remote
+    from bdp.toolchain.runtime import remote
 
     monkeypatch.setattr(remote, "remote_info",
                         lambda sess: {"triple": None, "cpu": None, "arch": None, "threads": None})
@@ -303,7 +303,7 @@ def test_silent_service_times_out(x86_bundle, monkeypatch):
 def test_devices_commands(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from bdp.toolchain import devices as config
+    from bdp.toolchain.runtime import boards as config
     from bdp.toolchain.cli_devices import devices
 
     cfg = tmp_path / "cfg" / "devices.json"
@@ -331,8 +331,8 @@ def test_devices_commands(tmp_path, monkeypatch):
 
 def test_kernel_calls_from_bytecode(x86_bundle, aarch64_bundle):
     """The kernel calls and shapes are read from the VM bytecode, for either architecture."""
-    from bdp.toolchain import remote
-    from bdp.toolchain.bundle import read_manifest
+    from bdp.toolchain.runtime import remote
+    from bdp.toolchain.bundle.format import read_manifest
 
     calls = remote.kernel_calls(str(x86_bundle / "model.so"), read_manifest(str(x86_bundle)))
     names = {c.name for c in calls}

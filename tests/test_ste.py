@@ -41,7 +41,7 @@ def _rel(a, b):
 def _source(style, how, tmp_path):
     """(ONNX model as bdp loads it, PyTorch's output, input, the module)."""
     from bdp.toolchain.compile import _fix_input_shape, _graph_input
-    from bdp.toolchain.loading import to_onnx
+    from bdp.toolchain.frontend.loading import to_onnx
 
     m = S.build(style)
     x = torch.randn(*SHAPE, generator=torch.Generator().manual_seed(5))
@@ -109,7 +109,7 @@ def test_bundle_equals_pytorch(style, tmp_path):
 def test_module_in_and_rpi4_agrees_with_x86(tmp_path):
     """bdp.compile(module, x): exported inside; the rpi4 bundle under qemu equals the x86 one."""
     from bdp.targets.devices import aarch64
-    from bdp.toolchain.run import run_bundle
+    from bdp.toolchain.runtime.run import run_bundle
 
     m = S.build("bireal")
     was = m.training
@@ -264,7 +264,7 @@ def test_full_layouts_pack_every_binary_conv(name, how, tmp_path):
     """ReActNet-A (31 binary convs) and Bi-Real-18 (16), narrowed to a quarter of their widths at
     64x64: every binary conv packed, equal to PyTorch, whatever the exporter."""
     from bdp.toolchain.compile import _fix_input_shape, _graph_input
-    from bdp.toolchain.loading import to_onnx
+    from bdp.toolchain.frontend.loading import to_onnx
 
     m = S.build_full(name, size=64, scale=0.25, classes=10)
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))

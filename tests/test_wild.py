@@ -126,7 +126,7 @@ def test_outputs_equal_the_source_framework(name, build, tmp_path_factory):
 @pytest.mark.slow
 def test_larq_fixture_on_rpi4_under_qemu_equals_tensorflow(tmp_path, tmp_path_factory):
     from bdp.targets.devices import aarch64
-    from bdp.toolchain.run import run_bundle
+    from bdp.toolchain.runtime.run import run_bundle
 
     ok, why = aarch64.tools_available()
     if not ok:

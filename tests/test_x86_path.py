@@ -200,8 +200,8 @@ def test_profile_local_json(tmp_path):
 def test_profile_per_op_counts_every_kernel_call(tmp_path):
     """The per-op rows cover exactly the kernel calls of one run (counted here with the VM's
     own instrumentation hook), each timed on its own on the arguments of that run."""
-    from bdp.toolchain.bundle import load_bundle
-    from bdp.toolchain.profile import per_op_breakdown
+    from bdp.toolchain.bundle.format import load_bundle
+    from bdp.toolchain.runtime.profile import per_op_breakdown
 
     torch.manual_seed(0)
     path = export_plain(PlainBNN(16, 13, 3, 2, 1, 1), (1, 3, 20, 24), tmp_path / "p.onnx")

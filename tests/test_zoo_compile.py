@@ -17,8 +17,8 @@ import bdp
 from bdp.models import zoo
 from bdp.models.checkpoint import save_checkpoint
 from bdp.targets.devices import aarch64
-from bdp.toolchain.loading import to_onnx
-from bdp.toolchain.run import run_bundle
+from bdp.toolchain.frontend.loading import to_onnx
+from bdp.toolchain.runtime.run import run_bundle
 
 from conftest import assert_close_outputs, like_trained
 

@@ -310,7 +310,7 @@ def export_cmd(model, out, input_shape, plain, trust_model):
 
     from bdp.passes import attach_functions, run_pipeline
 
-    from .loading import parse_shape, to_onnx
+    from .frontend.loading import parse_shape, to_onnx
 
     m, _info = to_onnx(model, parse_shape(input_shape), trust_model=trust_model)
     if not plain:
@@ -350,11 +350,11 @@ def compile_cmd(model, target, out, input_shape, pipeline, dump_after, verify, n
                 force, sign_key, require_binary):
     """Compile MODEL (.pt, .pt2 or .onnx) into a bundle folder for TARGET."""
     _quiet_tvm()
-    from .bundle import read_manifest
+    from .bundle.format import read_manifest
     from .compile import compile_model
     from bdp.targets.options import CompileOptions
 
-    from .loading import parse_shape
+    from .frontend.loading import parse_shape
 
     compile_model(model, target=target, out=out, input_shape=parse_shape(input_shape), pipeline=pipeline,
                   dump_after=dump_after, verify=verify, reference=not no_reference,
@@ -414,7 +414,7 @@ def passes_cmd():
 def run_cmd(bundle, input_path, out, viz, force, trust):
     """Run a bundle on one input; write OUT.npz (one array per output) and pictures."""
     _quiet_tvm()
-    from .run import run_bundle
+    from .runtime.run import run_bundle
 
     outputs = run_bundle(bundle, input_path, out, viz, force=force, trust=trust)
     for k, v in outputs.items():
@@ -446,7 +446,7 @@ def profile_cmd(bundle, device, rpc, tracker, key, runs, warmup, json_path, char
     _quiet_tvm()
     from bdp.files import check_output_file, refuse_inside
 
-    from . import profile as prof
+    from .runtime import profile as prof
 
     if runs is not None:
         prof.check_runs(runs)
@@ -457,10 +457,10 @@ def profile_cmd(bundle, device, rpc, tracker, key, runs, warmup, json_path, char
             check_output_file(path, what)
             refuse_inside(path, bundle, what, "bundle")
     if chart:
-        from .charts import chart_format
+        from .runtime.charts import chart_format
 
         chart_format(chart)  # a wrong extension fails before the measuring
-    from .bundle import read_manifest
+    from .bundle.format import read_manifest
 
     read_manifest(bundle, trust=trust)  # a configured trust key is checked before anything runs or is sent
     res = prof.run_profile(bundle, device=device, rpc=rpc, tracker=tracker, key=key, runs=runs, warmup=warmup,
@@ -471,7 +471,7 @@ def profile_cmd(bundle, device, rpc, tracker, key, runs, warmup, json_path, char
         click.echo(f"wrote {json_path}")
     if chart:
         if res.get("estimate"):
-            from .estimate import chart_png as estimate_chart
+            from .runtime.estimate import chart_png as estimate_chart
 
             estimate_chart(chart, res)
         else:
@@ -500,8 +500,8 @@ def bench_cmd(json_path, chart, quick, only, wild_dir, target, archs, runs):
     _quiet_tvm()
     from bdp.files import check_output_file
 
-    from . import bench
-    from .charts import chart_format
+    from .bench import suite as bench
+    from .runtime.charts import chart_format
 
     chart_format(chart)  # a wrong extension fails before the suite's minutes of measuring
     check_output_file(json_path, "--json file")
@@ -548,7 +548,7 @@ def keys():
 @guarded
 def keys_new(name, force):
     """Write a key pair: NAME.key (private, mode 0600, keep it secret) and NAME.pub (give it to the devices)."""
-    from .signing import new_key_pair
+    from .bundle.signing import new_key_pair
 
     priv, pub = new_key_pair(name, force=force)
     click.echo(f"wrote {priv} (private: signs bundles, keep it secret) and {pub} (public: --trust {pub})")

@@ -55,7 +55,7 @@ def devices():
 @_guarded
 def add_cmd(name, rpc, tracker, key, timeout):
     """Add (or replace) board NAME."""
-    from .devices import add_device
+    from .runtime.boards import add_device
 
     if timeout is not None and timeout <= 0:
         raise InputError("--timeout must be a positive number of seconds")
@@ -68,7 +68,7 @@ def add_cmd(name, rpc, tracker, key, timeout):
 @_guarded
 def list_cmd():
     """List the boards in the device config."""
-    from .devices import config_path, list_devices
+    from .runtime.boards import config_path, list_devices
 
     path = config_path()
     data = list_devices(path)
@@ -95,7 +95,7 @@ def list_cmd():
 @_guarded
 def remove_cmd(name):
     """Remove board NAME."""
-    from .devices import remove_device
+    from .runtime.boards import remove_device
 
     path = remove_device(name)
     click.echo(f"removed {name} from {path}")

@@ -15,9 +15,9 @@ import onnx
 import bdp
 from bdp.errors import InputError
 
-from .bundle import LIBRARY, atomic_bundle, finalize_manifest
-from .loading import is_module, model_name, task_of, to_onnx
-from .manifest import safe_output_name
+from .bundle.format import LIBRARY, atomic_bundle, finalize_manifest
+from .bundle.manifest import safe_output_name
+from .frontend.loading import is_module, model_name, task_of, to_onnx
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -66,7 +66,7 @@ def _check_resources(model: onnx.ModelProto, shape, path):
     (a diverged training: the bundle would compute NaN)."""
     from onnx import numpy_helper
 
-    from .loading import check_input_size, check_memory
+    from .frontend.loading import check_input_size, check_memory
 
     check_input_size(shape, f"{path}: input shape {','.join(map(str, shape))}")
     for t in model.graph.initializer:
@@ -224,7 +224,7 @@ def compile_model(model, target="x86", out="bundle", *, input_shape=None, pipeli
     from bdp.targets.options import CompileOptions
     from bdp.targets.spec import get_target
 
-    from .bundle import check_bundle_output
+    from .bundle.format import check_bundle_output
 
     spec = get_target(target)
     options = CompileOptions.of(options)
@@ -243,7 +243,7 @@ def compile_model(model, target="x86", out="bundle", *, input_shape=None, pipeli
         raise InputError(f"--pipeline {pipeline}: no such pipeline (known: {', '.join(PIPELINES)}); "
                          "`bdp passes` lists them")
     if sign:
-        from .signing import load_private_key
+        from .bundle.signing import load_private_key
 
         load_private_key(sign)  # a bad key is an error now, not after the compile
     out_abs = check_bundle_output(out, force)
@@ -362,7 +362,7 @@ def _verify_bundle(bundle_dir, final, input_name, shape, out_names, tol=1e-4):
     unoptimized run than that (largest and mean difference), and the record says so."""
     from bdp.passes.core import run_onnxruntime
 
-    from .bundle import load_bundle
+    from .bundle.format import load_bundle
 
     def diff(a, b):
         r = np.abs(np.asarray(a, np.float64) - b) / max(1.0, float(np.abs(b).max()))

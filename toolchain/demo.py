@@ -67,8 +67,8 @@ def run_demo(out="demo-out", arch="bireal-tiny", epochs=4, size=(128, 160), n_tr
     from bdp.models import train as _train
 
     from .compile import compile_model
-    from .profile import chart_png, format_text, profile_local, write_json
-    from .run import run_bundle
+    from .runtime.profile import chart_png, format_text, profile_local, write_json
+    from .runtime.run import run_bundle
 
     check_demo_folder(out, force)
     os.makedirs(out, exist_ok=True)
@@ -79,7 +79,7 @@ def run_demo(out="demo-out", arch="bireal-tiny", epochs=4, size=(128, 160), n_tr
     click.secho(f"[2/5] compiling for x86 at {size[0]}x{size[1]}", bold=True)
     bx = os.path.join(out, "bundle-x86")
     compile_model(ck, target="x86", out=bx, input_shape=(1, 3, *size), progress=True, verify=True, force=force)
-    from .bundle import read_manifest
+    from .bundle.format import read_manifest
 
     st = read_manifest(bx, verify=False).stats
     click.echo(f"      {st['binary_convs']} binary convs packed-bit, {st['fp_convs']} float convs, "

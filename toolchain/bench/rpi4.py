@@ -1,9 +1,9 @@
 """``bdp bench --target rpi4``: the layer and zoo tables for a Raspberry Pi 4, ESTIMATED with the
-Cortex-A72 model of :mod:`bdp.toolchain.estimate` (instructions counted exactly under
+Cortex-A72 model of :mod:`bdp.toolchain.runtime.estimate` (instructions counted exactly under
 qemu-aarch64, cycles from llvm-mca, one thread at 1.5 GHz; it ignores caches, memory bandwidth,
 branch mispredictions and threads), not measured on a Pi.
 
-**layers** - the binary 3x3 conv layers of ``bdp bench`` (:data:`bdp.toolchain.bench.LAYER_SHAPES`,
+**layers** - the binary 3x3 conv layers of ``bdp bench`` (:data:`bdp.toolchain.bench.table.LAYER_SHAPES`,
 the same ONNX graphs), compiled for rpi4 the normal way (``bdp compile --target rpi4``), beside the
 float conv of the same shape compiled for rpi4 with bdp's float schedules (TVM FP32).
 
@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from .estimate import GHZ, IGNORES, IGNORES_SHORT
+from bdp.toolchain.runtime.estimate import GHZ, IGNORES, IGNORES_SHORT
 
 QUICK_ARCHS = ["bireal-tiny"]
 
@@ -49,14 +49,14 @@ def _rel_diff(got: dict, want: dict) -> dict:
 
 
 def _outputs(bundle: str, out_dir: str) -> dict:
-    from .bundle import read_manifest
+    from bdp.toolchain.bundle.format import read_manifest
 
     names = read_manifest(bundle, verify=False).output_names
     return {n: np.load(os.path.join(out_dir, f"{n}.npy")) for n in names}
 
 
 def _compile(src, out, **kw) -> tuple[str, float]:
-    from .compile import compile_model
+    from bdp.toolchain.compile import compile_model
 
     t0 = time.perf_counter()
     compile_model(src, target="rpi4", out=out, **kw)
@@ -74,9 +74,9 @@ def bench_layer(c, h, w, workdir, *, runs=1, float_baseline=True):
     """One row of the layer table: the binary layer and its float twin, both estimated for rpi4."""
     import onnx
 
-    from .bench import conv_layer_onnx
-    from .estimate import estimate
-    from .profile import ort_session
+    from .table import conv_layer_onnx
+    from bdp.toolchain.runtime.estimate import estimate
+    from bdp.toolchain.runtime.timing import ort_session
 
     d = os.path.join(workdir, f"layer{c}x{h}x{w}")
     os.makedirs(d, exist_ok=True)
@@ -106,10 +106,10 @@ def bench_model(arch, workdir, *, runs=1, float_baseline=True):
     from bdp.models import zoo
     from bdp.models.checkpoint import save_checkpoint
 
-    from .bench import MODEL_INPUT
-    from .bundle import read_manifest
-    from .estimate import estimate
-    from .profile import ort_session
+    from .table import MODEL_INPUT
+    from bdp.toolchain.bundle.format import read_manifest
+    from bdp.toolchain.runtime.estimate import estimate
+    from bdp.toolchain.runtime.timing import ort_session
 
     d = os.path.join(workdir, arch)
     os.makedirs(d, exist_ok=True)
@@ -198,14 +198,14 @@ def run(json_path="bench-rpi4.json", quick=False, only="all", archs=None, workdi
     from bdp.models import zoo
     from bdp.targets.spec import get_target
 
-    from .bench import LAYER_SHAPES, _host, _versions, _write_json
-    from .estimate import tools
+    from .table import LAYER_SHAPES, host, versions, write_json
+    from bdp.toolchain.runtime.estimate import tools
 
     tools()  # InputError with the apt command before any compiling
     spec = get_target("rpi4")
     res = {"bdp_bench": 1, "estimate": True, "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "quick": bool(quick), "command": "bdp " + " ".join(sys.argv[1:]) if sys.argv else None,
-           "threads": 1, "host": _host(), "versions": _versions(),
+           "threads": 1, "host": host(), "versions": versions(),
            "target": {"name": spec.name, "tvm": spec.tvm, "popcount": spec.popcount_isa}, "isa": "NEON (cnt)",
            "device": "cortex-a72-model", "ghz": GHZ, "ignores": IGNORES,
            "method": ("ESTIMATES: bin/bdp-run under qemu-aarch64 (TVM_NUM_THREADS=1), executed AArch64 "
@@ -223,7 +223,7 @@ def run(json_path="bench-rpi4.json", quick=False, only="all", archs=None, workdi
                     row = {"shape": [c, h, w], "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"}
                 res["layers"].append(row)
                 print(format_layers([row]).splitlines()[-1], flush=True)
-                _write_json(json_path, res)
+                write_json(json_path, res)
             print(format_layers(res["layers"]))
         if only in ("models", "all"):
             archs = list(archs) if archs else (QUICK_ARCHS if quick else list(zoo.ARCHITECTURES))
@@ -235,8 +235,8 @@ def run(json_path="bench-rpi4.json", quick=False, only="all", archs=None, workdi
                     row = {"arch": arch, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"}
                 res["models"].append(row)
                 print(format_models([row]).splitlines()[-1], flush=True)
-                _write_json(json_path, res)
+                write_json(json_path, res)
             print(format_models(res["models"]))
-    _write_json(json_path, res)
+    write_json(json_path, res)
     print(f"wrote {json_path}")
     return res

@@ -3,7 +3,7 @@
 Layout::
 
     manifest.json      format, format version, versions, target, input, outputs, stats, files + sha256
-                       (schema and reader/writer: :mod:`bdp.toolchain.manifest`)
+                       (schema and reader/writer: :mod:`bdp.toolchain.bundle.manifest`)
     manifest.sig       optional: Ed25519 signature of manifest.json's exact bytes, base64, one line
     model.so           the compiled library (Relax VM executable)
     reference.onnx     the source model in float ONNX (for ``bdp profile``'s FP32 baseline and
@@ -21,7 +21,7 @@ the signature when a trust key is configured (``trust=``/``--trust``/``$BDP_TRUS
 path stays inside the bundle; every file's sha256; the target; the ELF structure of
 ``model.so`` (a truncated library would kill the process by SIGBUS).
 
-Signing (:mod:`bdp.toolchain.signing`): the signed message is the exact bytes of
+Signing (:mod:`bdp.toolchain.bundle.signing`): the signed message is the exact bytes of
 ``manifest.json``, which hold the sha256 of every other file, so the signature covers the whole
 bundle; it lives in ``manifest.sig`` (not listed in the manifest). ``bin/bdp-run --trust KEY.pub``
 checks the same signature and hashes with the system's libcrypto before it loads ``model.so``.

@@ -5,14 +5,14 @@ is the latency of every runtime (milliseconds, grouped bars, a log axis when the
 decades) and the right panel is bdp's speed-up over onnxruntime (FP32, and INT8 where the
 results have it) with the suite's target marked.
 
-Result rows are read defensively (:func:`bdp.toolchain.charts.median_ms`): a runtime whose key
+Result rows are read defensively (:func:`bdp.toolchain.runtime.charts.median_ms`): a runtime whose key
 no row holds is left out of the chart, a single missing value is marked "n/a". The onnxruntime
 INT8 column is looked up as ``onnxruntime_int8`` / ``ort_int8`` (a stats dict) or ``*_ms`` (a
 number).
 
 Without the CLI, from a saved bench JSON::
 
-    python -m bdp.toolchain.bench_chart docs/bench.json docs/bench.png
+    python -m bdp.toolchain.bench.chart docs/bench.json docs/bench.png
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sys
 
 from bdp.errors import InputError
 
-from .charts import (RUNTIME_COLOURS, chart_format, fmt_ms, fmt_x, host_line, median_ms, new_figure, save_figure,
+from bdp.toolchain.runtime.charts import (RUNTIME_COLOURS, chart_format, fmt_ms, fmt_x, host_line, median_ms, new_figure, save_figure,
                      use_log)
 
 INT8_KEYS = ("onnxruntime_int8", "ort_int8", "int8_onnxruntime", "onnxruntime_int8_qdq")
@@ -221,7 +221,7 @@ def chart_from_json(json_path, out_path):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
-        print("usage: python -m bdp.toolchain.bench_chart BENCH.json OUT.png|OUT.svg", file=sys.stderr)
+        print("usage: python -m bdp.toolchain.bench.chart BENCH.json OUT.png|OUT.svg", file=sys.stderr)
         return 2
     try:
         print(chart_from_json(argv[0], argv[1]))

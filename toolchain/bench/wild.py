@@ -18,9 +18,9 @@ The networks (see tests/wild_models.py and tests/fixtures/wild/README.md):
 For each network: ``bdp.compile`` for x86; the **binary MAC share** (multiply-accumulates of
 the layers that became ``bdp.BinaryConv`` over those of every conv / linear layer, counted on
 the compiled graph with ONNX shape inference); bdp and onnxruntime FP32 timed interleaved in
-this process (:func:`bdp.toolchain.bench.time_interleaved`: each waits for the other's threads
+this process (:func:`bdp.toolchain.bench.table.time_interleaved`: each waits for the other's threads
 to stop, passes alternate) with the same thread count; the ratio of medians; the per-kernel
-shares of bdp's run (:func:`bdp.toolchain.profile.per_op_breakdown`, as ``bdp profile`` prints
+shares of bdp's run (:func:`bdp.toolchain.runtime.profile.per_op_breakdown`, as ``bdp profile`` prints
 them): where the time goes. onnxruntime runs the bundle's ``reference.onnx``: the model as
 exported (QONNX ops, which onnxruntime has no kernels for, as their standard-op definitions).
 
@@ -167,9 +167,10 @@ def bench_network(name, onnx_path, x, want, kind, workdir, *, threads, rounds):
     """One row of the wild table (see the module docstring)."""
     import bdp
 
-    from .bench import time_interleaved
-    from .bundle import load_bundle
-    from .profile import ort_session, per_op_breakdown
+    from .table import time_interleaved
+    from bdp.toolchain.bundle.format import load_bundle
+    from bdp.toolchain.runtime.profile import per_op_breakdown
+    from bdp.toolchain.runtime.timing import ort_session
 
     row = {"name": name, "kind": kind, "input_shape": list(x.shape), "load_average_start": list(os.getloadavg())}
     out = os.path.join(workdir, name.replace("/", "-") + ".bundle")
@@ -296,7 +297,7 @@ def summarize_wild(rows) -> dict:
 
 def run_wild(res, json_path, *, threads, quick=False, wild_dir=None, workdir=None):
     """Time the wild networks into RES['wild'], print the table, write JSON_PATH; returns RES."""
-    from .bench import _write_json
+    from .table import write_json
 
     if wild_dir is not None and not os.path.isdir(wild_dir):
         from bdp.errors import InputError
@@ -333,6 +334,6 @@ def run_wild(res, json_path, *, threads, quick=False, wild_dir=None, workdir=Non
     s = res["summary"]["wild"]
     print(f"wild: {len(s['meet_target'])} of {s['networks']} meet the target (> 1x ORT FP32; >= {TARGET_RATIO:g}x "
           f"where >= {100 * TARGET_BINARY_SHARE:g}% of MACs are binary); missing: {', '.join(s['miss_target']) or 'none'}")
-    _write_json(json_path, res)
+    write_json(json_path, res)
     print(f"wrote {json_path} (no chart for --only wild)")
     return res

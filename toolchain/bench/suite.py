@@ -31,27 +31,26 @@ rounds, the first two layer shapes, one model. The output and the JSON (``isa``)
 ISA bdp's kernels use (AVX2, AVX-512 VPOPCNTDQ: the target spec's).
 
 ``--target rpi4`` makes the same two tables for a Raspberry Pi 4 from the Cortex-A72 estimator
-instead of timing (:mod:`bdp.toolchain.bench_rpi4`). ``--only float-layers`` runs
-:mod:`bdp.toolchain.bench_float` instead: bdp's float (non-binary) layers against onnxruntime,
-speed and round-off; ``--only wild`` the networks from the wild (:mod:`bdp.toolchain.bench_wild`).
+instead of timing (:mod:`bdp.toolchain.bench.rpi4`). ``--only float-layers`` runs
+:mod:`bdp.toolchain.bench.float_layers` instead: bdp's float (non-binary) layers against onnxruntime,
+speed and round-off; ``--only wild`` the networks from the wild (:mod:`bdp.toolchain.bench.wild`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import math
 import os
-import platform
 import tempfile
 import time
 
 import numpy as np
 
-from .profile import ort_session, warm_up
+from bdp.toolchain.runtime.timing import ort_session
 
-LAYER_SHAPES = [(64, 64, 80), (128, 32, 40), (256, 16, 20), (512, 8, 10)]  # C, H, W
-MODEL_INPUT = (1, 3, 256, 320)
+from .table import (LAYER_SHAPES, MODEL_INPUT, conv_layer_onnx, fmt, geomean, host, setup_threads, time_interleaved,
+                    versions, write_json)
+
 TARGETS = {"layer_geomean": 8.0, "layer_each": 5.0, "model_each": 4.0, "weights_ratio": 20.0,
            "compile_seconds": 60.0}
 # per popcount ISA where the project's issues ask differently: AVX2 has no vector popcount and
@@ -65,67 +64,6 @@ def targets_for(popcount_isa) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def _threads() -> int:
-    from bdp.targets.spec import configure_runtime_threads
-
-    return configure_runtime_threads()
-
-
-def _stats(ts_ms) -> dict:
-    a = np.asarray(ts_ms, dtype=np.float64)
-    return {"median_ms": float(np.median(a)), "min_ms": float(a.min()), "runs": int(a.size)}
-
-
-def time_interleaved(fns: dict, rounds: int, warmup: int = 2, cycles: int = 3, warm_s: float = 0.1) -> dict:
-    """{name: stats}: CYCLES passes over the functions; in each pass every function waits for the
-    process to go idle (:func:`bdp.toolchain.profile.quiesce`), gets untimed calls (at least
-    WARMUP, and for at least WARM_S seconds), then ROUNDS / CYCLES timed calls in a row.
-
-    Runs of one runtime stay together within a pass, after the others' threads have stopped: a
-    runtime's idle worker threads spin for a while after each call (TVM's thread pool,
-    onnxruntime's, OpenMP in PyTorch), and a runtime timed while another one's threads spin gets
-    fewer cores. The warm-up is timed, not counted (see :func:`bdp.toolchain.profile.warm_up`).
-    Repeating the passes spreads any change of the machine's load over all runtimes.
-    """
-    times = {k: [] for k in fns}
-    per = max(1, -(-rounds // cycles))
-    for _ in range(cycles if rounds > 1 else 1):
-        for k, f in fns.items():
-            warm_up(f, warmup, warm_s)
-            for _ in range(per):
-                t = time.perf_counter()
-                f()
-                times[k].append((time.perf_counter() - t) * 1e3)
-    return {k: _stats(v) for k, v in times.items()}
-
-
-def _geomean(xs):
-    xs = [x for x in xs if x and x > 0]
-    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
-
-
-def _host() -> dict:
-    from .profile import _host as host
-
-    h = host()
-    try:
-        h["load_average"] = list(os.getloadavg())
-    except OSError:
-        pass
-    return h
-
-
-def _versions() -> dict:
-    import onnxruntime
-    import torch
-    import tvm
-
-    import bdp
-
-    return {"bdp": bdp.__version__, "tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__,
-            "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()}
 
 
 ISA_NAMES = {"avx512-vpopcntdq": "AVX-512 VPOPCNTDQ", "avx512": "AVX-512", "avx2": "AVX2", "popcnt": "POPCNT",
@@ -204,37 +142,6 @@ def _int8(row, res, bdp_key="bdp"):
 
 # ---------------------------------------------------------------------------------------------
 # layers
-
-
-def conv_layer_onnx(c, h, w, *, binary, seed=0):
-    """ONNX model of a 3x3 conv C->C on [1, C, H, W] with pad 1: float, or Sign -> Conv(alpha*sign W)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(seed)
-    wf = rng.standard_normal((c, c, 3, 3)).astype(np.float32)
-    b = (0.1 * rng.standard_normal(c)).astype(np.float32)
-    inits = [numpy_helper.from_array(b, "b")]
-    nodes = []
-    conv_in = "x"
-    if binary:
-        alpha = np.abs(wf).mean(axis=(1, 2, 3), keepdims=True).astype(np.float32)
-        inits.append(numpy_helper.from_array((alpha * np.where(wf >= 0, 1.0, -1.0)).astype(np.float32), "W"))
-        inits += [numpy_helper.from_array(np.array(0.0, np.float32), "t"),
-                  numpy_helper.from_array(np.array(1.0, np.float32), "one"),
-                  numpy_helper.from_array(np.array(-1.0, np.float32), "mone")]
-        nodes += [helper.make_node("GreaterOrEqual", ["x", "t"], ["ge"]),
-                  helper.make_node("Where", ["ge", "one", "mone"], ["xs"])]
-        conv_in = "xs"
-    else:
-        inits.append(numpy_helper.from_array(wf, "W"))
-    nodes.append(helper.make_node("Conv", [conv_in, "W", "b"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
-    graph = helper.make_graph(nodes, "bdp_bench_layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, (1, c, h, w))],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, (1, c, h, w))], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
 
 
 def _vm_callable(ex, x):
@@ -340,7 +247,7 @@ def bench_model(arch, workdir, *, threads, rounds):
     from bdp.models import zoo
     from bdp.models.checkpoint import save_checkpoint
 
-    from .bundle import load_bundle
+    from bdp.toolchain.bundle.format import load_bundle
 
     row = {"arch": arch, "input_shape": list(MODEL_INPUT)}
     torch.manual_seed(0)
@@ -358,7 +265,7 @@ def bench_model(arch, workdir, *, threads, rounds):
     t0 = time.perf_counter()
     bdp.compile(ckpt, target="x86", out=out, input_shape=MODEL_INPUT)
     row["compile_s"] = time.perf_counter() - t0
-    from .bundle import read_manifest
+    from bdp.toolchain.bundle.format import read_manifest
 
     man = read_manifest(out, verify=False)
     row["compile_stages_s"] = man.compile_seconds
@@ -400,10 +307,6 @@ def bench_model(arch, workdir, *, threads, rounds):
 # report
 
 
-def _fmt(v, spec=".2f"):
-    return "-" if v is None else format(v, spec)
-
-
 def format_layers(rows) -> str:
     lines = ["binary 3x3 conv layer, float in -> float out (ms, median of interleaved runs; x = other time / bdp time)",
              f"  {'C x H x W':>15} {'bdp':>8} {'GMAC/s':>7} {'ORT':>8} {'x':>6} {'ORT INT8':>8} {'x':>6} {'TVM-sched':>9} "
@@ -417,7 +320,7 @@ def format_layers(rows) -> str:
         lines.append(
             f"  {r['c_in']:>5}x{r['h']:>3}x{r['w']:<4} {r['bdp']['median_ms']:8.3f} {r['binary_gmac_per_s']:7.0f} "
             f"{r['onnxruntime_fp32']['median_ms']:8.3f} {sp['onnxruntime_fp32']:6.1f} "
-            f"{_fmt(r.get('ort_int8_ms'), '.3f'):>8} {_fmt(r.get('x_ort_int8'), '.1f'):>6} "
+            f"{fmt(r.get('ort_int8_ms'), '.3f'):>8} {fmt(r.get('x_ort_int8'), '.1f'):>6} "
             f"{r['tvm_scheduled_fp32']['median_ms']:9.3f} {sp['tvm_scheduled_fp32']:6.1f} "
             f"{r['torch_fp32']['median_ms']:8.3f} {sp['torch_fp32']:6.1f} "
             f"{r['tvm_default_fp32']['median_ms']:9.1f} {sp['tvm_default_fp32']:7.0f}  "
@@ -436,8 +339,8 @@ def format_models(rows) -> str:
         lines.append(
             f"  {r['arch']:<18} {r['bdp']['median_ms']:8.2f} {r['onnxruntime_fp32']['median_ms']:9.2f} "
             f"{r['speedup_vs_onnxruntime']:6.2f} {r['speedup_vs_onnxruntime_min']:6.2f} "
-            f"{_fmt(r.get('ort_int8_ms')):>9} {_fmt(r.get('x_ort_int8')):>6} {r['compile_s']:9.1f} "
-            f"{_fmt(r.get('weights_ratio'), '.1f'):>9} {_fmt(100 * r['binary_mac_share'] if 'binary_mac_share' in r else None, '.1f'):>9}%")
+            f"{fmt(r.get('ort_int8_ms')):>9} {fmt(r.get('x_ort_int8')):>6} {r['compile_s']:9.1f} "
+            f"{fmt(r.get('weights_ratio'), '.1f'):>9} {fmt(100 * r['binary_mac_share'] if 'binary_mac_share' in r else None, '.1f'):>9}%")
     return "\n".join(lines)
 
 
@@ -447,12 +350,12 @@ def summarize(res) -> dict:
     layers = [r for r in res.get("layers", []) if "error" not in r]
     if layers:
         sp = [r["speedup"]["onnxruntime_fp32"] for r in layers]
-        g = _geomean(sp)
+        g = geomean(sp)
         out["layers"] = {"geomean_speedup_vs_onnxruntime": g, "min_speedup_vs_onnxruntime": min(sp),
-                         "geomean_speedup_vs_torch": _geomean([r["speedup"]["torch_fp32"] for r in layers]),
-                         "geomean_speedup_vs_tvm_scheduled": _geomean([r["speedup"]["tvm_scheduled_fp32"] for r in layers]),
-                         "geomean_speedup_vs_onnxruntime_int8": _geomean([r.get("x_ort_int8") for r in layers]),
-                         "geomean_speedup_vs_onnxruntime_min_times": _geomean(
+                         "geomean_speedup_vs_torch": geomean([r["speedup"]["torch_fp32"] for r in layers]),
+                         "geomean_speedup_vs_tvm_scheduled": geomean([r["speedup"]["tvm_scheduled_fp32"] for r in layers]),
+                         "geomean_speedup_vs_onnxruntime_int8": geomean([r.get("x_ort_int8") for r in layers]),
+                         "geomean_speedup_vs_onnxruntime_min_times": geomean(
                              [r["speedup_min"]["onnxruntime_fp32"] for r in layers]),
                          f"geomean_at_least_{tg['layer_geomean']:g}x": g >= tg["layer_geomean"],
                          f"each_at_least_{tg['layer_each']:g}x": min(sp) >= tg["layer_each"],
@@ -479,34 +382,28 @@ def summarize(res) -> dict:
 
 
 def write_chart(path, res):
-    """The chart of RES at PATH (.png or .svg): latencies and speed-ups (:mod:`.bench_chart`)."""
-    from .bench_chart import speedup_chart
+    """The chart of RES at PATH (.png or .svg): latencies and speed-ups (:mod:`.chart`)."""
+    from .chart import speedup_chart
 
     return speedup_chart(path, res)
-
-
-def _write_json(path, res):
-    from .profile import write_json
-
-    write_json(path, res)
 
 
 def run(json_path="bench.json", chart="bench.png", quick=False, only="all", archs=None, workdir=None, target="x86",
         runs=1, wild_dir=None):
     """Run the suite, print the tables, write JSON_PATH and the PNG CHART; returns the results dict.
-    TARGET "rpi4": the same tables ESTIMATED for a Raspberry Pi 4 (:mod:`bdp.toolchain.bench_rpi4`,
+    TARGET "rpi4": the same tables ESTIMATED for a Raspberry Pi 4 (:mod:`bdp.toolchain.bench.rpi4`,
     RUNS model runs per estimator process; no chart)."""
     if target == "rpi4":
-        from . import bench_rpi4
+        from . import rpi4 as bench_rpi4
 
         return bench_rpi4.run(json_path=json_path, quick=quick, only=only, archs=archs, workdir=workdir, runs=runs)
-    threads = _threads()  # sets TVM's thread-pool defaults before the pool starts
+    threads = setup_threads()  # sets TVM's thread-pool defaults before the pool starts
     from bdp.models import zoo
     from bdp.targets.spec import get_target
 
     spec = get_target("x86")
     res = {"bdp_bench": 1, "date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": bool(quick),
-           "threads": threads, "host": _host(), "versions": _versions(),
+           "threads": threads, "host": host(), "versions": versions(),
            "target": {"name": spec.name, "tvm": spec.tvm, "popcount": spec.popcount_isa}, "isa": isa_name(spec),
            "method": ("median (and min) of interleaved runs; every runtime uses the same thread count; "
                       "bdp layer = binarize + pack + popcount conv + float epilogue, float in and out; "
@@ -515,19 +412,19 @@ def run(json_path="bench.json", chart="bench.png", quick=False, only="all", arch
            "int8_reduce_range": int8_reduce_range(), "targets": targets_for(spec.popcount_isa)}
     print(f"bdp bench: target {spec.name} ({spec.tvm.get('mcpu')}), bdp's popcount ISA {res['isa']}, "
           f"{threads} threads", flush=True)
-    if only == "wild":  # networks from the wild: toolchain/bench_wild.py, its own table and JSON
-        from .bench_wild import run_wild
+    if only == "wild":  # networks from the wild: toolchain/bench/wild.py, its own table and JSON
+        from .wild import run_wild
 
         return run_wild(res, json_path, threads=threads, quick=quick, wild_dir=wild_dir, workdir=workdir)
     rounds = 5 if quick else 30
     if only == "float-layers":  # bdp's float layers vs onnxruntime: toolchain/bench_float.py
-        from .bench_float import FLOAT_TARGET, METHOD, run_float_layers
+        from .float_layers import FLOAT_TARGET, METHOD, run_float_layers
 
         fspec = get_target(FLOAT_TARGET)
         res.update(target={"name": fspec.name, "tvm": fspec.tvm}, method=METHOD)
         res["float_layers"], res["summary"] = run_float_layers(threads=threads, quick=quick, spec_name=FLOAT_TARGET)
         print(res["summary"])
-        _write_json(json_path, res)
+        write_json(json_path, res)
         print(f"wrote {json_path}")
         return res
     if only in ("layers", "all"):
@@ -559,7 +456,7 @@ def run(json_path="bench.json", chart="bench.png", quick=False, only="all", arch
     if "layers" in s:
         print(f"layers: geometric mean {s['layers']['geomean_speedup_vs_onnxruntime']:.2f}x onnxruntime FP32 "
               f"(min {s['layers']['min_speedup_vs_onnxruntime']:.2f}x), "
-              f"{_fmt(s['layers']['geomean_speedup_vs_onnxruntime_int8'])}x onnxruntime INT8, "
+              f"{fmt(s['layers']['geomean_speedup_vs_onnxruntime_int8'])}x onnxruntime INT8, "
               f"{s['layers']['geomean_speedup_vs_torch']:.2f}x PyTorch, "
               f"{s['layers']['geomean_speedup_vs_tvm_scheduled']:.2f}x TVM scheduled FP32")
     if "models" in s:
@@ -572,11 +469,11 @@ def run(json_path="bench.json", chart="bench.png", quick=False, only="all", arch
         print(f"models: {len(s['models']['speedup_vs_onnxruntime']) - len(below)} at >= {tg['model_each']:g}x "
               f"onnxruntime FP32; below: {', '.join(below) or 'none'}{int8}; "
               f"slowest compile {s['models']['max_compile_s']:.1f} s")
-    _write_json(json_path, res)
+    write_json(json_path, res)
     try:
         write_chart(chart, res)
     except Exception as e:
         res["chart_error"] = f"{type(e).__name__}: {e}"
-        _write_json(json_path, res)
+        write_json(json_path, res)
     print(f"wrote {json_path} and {chart}")
     return res

@@ -8,7 +8,7 @@ feature maps, 8x8 beside 7x7 for comparison, 27x27 and 13x13 of AlexNet, batch 1
 Each layer is a one-node ONNX graph (conv/Gemm with its bias) compiled by bdp for the target
 (``x86-avx2`` by default, the ISA every x86 host of the project has) and run by the Relax VM,
 next to an onnxruntime FP32 session of the same graph with the same thread count, timed
-interleaved (:func:`bdp.toolchain.bench.time_interleaved`). Exactness: both outputs against a
+interleaved (:func:`bdp.toolchain.bench.table.time_interleaved`). Exactness: both outputs against a
 float64 numpy reference of the same layer, as the largest absolute error over the largest
 absolute reference value ("rel err": round-off relative to the output's scale).
 """
@@ -248,13 +248,13 @@ def bench_float_layer(layer: FloatLayer, *, threads, spec, budget_ms=600.0, repe
     """One row of the float-layer table.
 
     Wall time with THREADS threads for both runtimes: REPEATS passes of
-    :func:`bdp.toolchain.bench.time_interleaved`; ``ratio`` is the median over passes of bdp's
+    :func:`bdp.toolchain.bench.table.time_interleaved`; ``ratio`` is the median over passes of bdp's
     median time over onnxruntime's, ``ratio_min`` the ratio of the minimum times. On a machine
     shared with other jobs both swing by 2x from pass to pass; a second measurement is
     single-threaded in thread CPU time (:func:`time_paired_cpu`, CPU_SECONDS): ``ratio_1t``.
     Errors: both outputs against :func:`reference64` (:func:`rel_err`, :func:`rms_rel_err`)."""
-    from .bench import time_interleaved
-    from .profile import ort_session
+    from .table import time_interleaved
+    from bdp.toolchain.runtime.timing import ort_session
 
     model, inits = layer_onnx(layer)
     x = np.random.default_rng(1).standard_normal(layer.shape).astype(np.float32)
@@ -319,9 +319,9 @@ def summarize_float_layers(rows, limit=1.5) -> dict:
     ok = [r for r in rows if "error" not in r]
     if not ok:
         return {}
-    from .bench import _geomean
+    from .table import geomean
 
-    out = {"geomean_ratio": _geomean([r["ratio"] for r in ok]), "max_ratio": max(r["ratio"] for r in ok),
+    out = {"geomean_ratio": geomean([r["ratio"] for r in ok]), "max_ratio": max(r["ratio"] for r in ok),
            "slowest": max(ok, key=lambda r: r["ratio"])["name"],
            f"over_{limit:g}x": [r["name"] for r in ok if r["ratio"] > limit],
            f"min_times_over_{limit:g}x": [r["name"] for r in ok if r["ratio_min"] > limit],
@@ -330,7 +330,7 @@ def summarize_float_layers(rows, limit=1.5) -> dict:
            "rms_err_worse_than_onnxruntime": [r["name"] for r in ok if not r["bdp_rms_err"] <= r["ort_rms_err"]]}
     one = [r for r in ok if r.get("ratio_1t") is not None]
     if one:
-        out["geomean_ratio_1t"] = _geomean([r["ratio_1t"] for r in one])
+        out["geomean_ratio_1t"] = geomean([r["ratio_1t"] for r in one])
         out[f"one_thread_over_{limit:g}x"] = [r["name"] for r in one if r["ratio_1t"] > limit]
     return out
 

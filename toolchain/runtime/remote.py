@@ -1,6 +1,6 @@
 """``bdp profile --device NAME``: profiling a bundle on a board over TVM RPC.
 
-Boards and their config file: :mod:`bdp.toolchain.devices`; connecting: :mod:`bdp.toolchain.rpc`;
+Boards and their config file: :mod:`bdp.toolchain.runtime.boards`; connecting: :mod:`bdp.toolchain.runtime.rpc`;
 reading the VM bytecode of ``model.so``: :mod:`bdp.targets.library`.
 
 On the board: the TVM runtime of the same version as here (``pip install apache-tvm==0.27.0.post1``
@@ -51,7 +51,7 @@ import numpy as np
 from bdp.errors import InputError
 from bdp.targets.library import read_library_bin
 
-from .devices import fmt_address, resolve_device
+from .boards import fmt_address, resolve_device
 from .rpc import connect, first_line, needed_host_arch, preflight, remote_info, remote_threads
 
 @dataclass
@@ -237,8 +237,8 @@ def per_op_remote(sess, rt_mod, devs, lib_path, manifest, runs):
 
 def profile_remote(bundle_dir=".", device="local", rpc=None, tracker=None, key=None, runs=50, warmup=5) -> dict:
     """Profile BUNDLE_DIR on a board over TVM RPC; returns the dict ``profile_local`` returns."""
-    from .bundle import LIBRARY, _safe_rel, read_manifest
-    from .profile import summarize
+    from bdp.toolchain.bundle.format import LIBRARY, _safe_rel, read_manifest
+    from .timing import summarize
 
     if runs < 1:
         raise InputError("--runs must be at least 1")

@@ -435,8 +435,8 @@ def estimate(bundle_dir, x=None, *, runs: int = 1, overhead: bool = True, out_di
     RUNS + 1 times for the per-run cost outside model.so (TVM VM, workspace allocations). The
     runner's outputs (of the RUNS process) go to OUT_DIR, one .npy per output; KEEP keeps the block
     tables there. Returns the result dict (see ``format_text``)."""
-    from .bundle import read_manifest
-    from .profile import _host
+    from bdp.toolchain.bundle.format import read_manifest
+    from .timing import host_info
 
     if runs < 1:
         raise InputError("--runs must be at least 1")
@@ -480,7 +480,7 @@ def estimate(bundle_dir, x=None, *, runs: int = 1, overhead: bool = True, out_di
              "ipc": v["insns"] / v["cycles"] if v["cycles"] else 0.0}
             for k, v in per.items()]
     rows.sort(key=lambda r: -r["cycles"])
-    res = {"device": DEVICE, "estimate": True, "host": _host(), "bundle": str(bundle),
+    res = {"device": DEVICE, "estimate": True, "host": host_info(), "bundle": str(bundle),
            "target": man["target"].get("name"), "input_shape": shape, "threads": 1, "ghz": GHZ, "runs": runs,
            "cpu_model": f"llvm-mca -mcpu={MCPU} (LLVM {_mca_version(tl['mca'])})",
            "method": ("AArch64 instructions executed by bin/bdp-run under qemu-aarch64, counted exactly per "

@@ -10,7 +10,7 @@ import threading
 
 from bdp.errors import InputError
 
-from .devices import Endpoint, fmt_address
+from .boards import Endpoint, fmt_address
 
 _RPC_TRACKER_MAGIC = 0x2F271
 

@@ -129,7 +129,7 @@ def run_bundle(bundle_dir, input_path, out_path=None, viz_dir=None, force=False,
     from bdp.files import (atomic_folder, check_output_file, check_output_folder, is_inside, refuse_inside,
                            remove_quietly)
 
-    from .bundle import host_can_run, load_bundle, read_manifest
+    from bdp.toolchain.bundle.format import host_can_run, load_bundle, read_manifest
 
     manifest = read_manifest(bundle_dir, trust=trust)
     if out_path:

@@ -1,6 +1,6 @@
 """Train every zoo architecture with one small budget and write a markdown results table.
 
-    python -m bdp.toolchain.results --out results.md [--epochs 3] [--n-train 256] [--size 64x80]
+    python -m bdp.toolchain.bench.results --out results.md [--epochs 3] [--n-train 256] [--size 64x80]
 
 Every architecture (the two baselines included) trains with the same budget on the same
 synthetic split (:class:`bdp.models.data.SyntheticScenes`, ``--seed``), ``mtinet`` first so that
@@ -56,7 +56,7 @@ def bundle_stats(ckpt, bundle_dir, target):
 
         out = bdp.compile(ckpt, target=target, out=bundle_dir)
         bdir = out if isinstance(out, (str, os.PathLike)) and os.path.isdir(out) else bundle_dir
-        from .bundle import read_manifest
+        from bdp.toolchain.bundle.format import read_manifest
 
         wb = read_manifest(bdir, verify=False).stats.get("weights_bytes")
         total = 0
@@ -166,7 +166,7 @@ def write_table(out, rows, s):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m bdp.toolchain.results", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bdp.toolchain.bench.results", description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="markdown file to write")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--n-train", type=int, default=256)

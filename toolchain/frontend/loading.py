@@ -153,7 +153,7 @@ def _drop_bdp_functions(model):
 
 def load_exported_program(path, trust=False):
     """The ExportedProgram of a ``.pt2`` file, inspected first so that no code from the file runs
-    (see :mod:`bdp.toolchain.pt2`); ``trust=True`` loads it with ``torch.export.load`` as is."""
+    (see :mod:`bdp.toolchain.frontend.pt2`); ``trust=True`` loads it with ``torch.export.load`` as is."""
     from .pt2 import load_exported_program as _load
 
     return _load(path, trust=trust)

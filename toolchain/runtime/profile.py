@@ -11,47 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import numpy as np
 
 from bdp.errors import InputError
 from bdp.targets.spec import runtime_threads
 
-
-def summarize(times_ms) -> dict:
-    a = np.asarray(times_ms, dtype=np.float64)
-    return {
-        "runs": int(a.size),
-        "median_ms": float(np.median(a)),
-        "p90_ms": float(np.percentile(a, 90)),
-        "p99_ms": float(np.percentile(a, 99)),
-        "min_ms": float(a.min()),
-        "mean_ms": float(a.mean()),
-    }
-
-
-def warm_up(fn, warmup, warm_s=0.1):
-    """Wait for the process to go idle (:func:`quiesce`), then call FN at least WARMUP times and
-    for at least WARM_S seconds: a worker thread woken from sleep may start on the caller's core,
-    and on a 2-core VM a 0.14 ms layer then ran at half speed (both threads on one core) until
-    the scheduler moved one, some milliseconds later."""
-    quiesce()
-    t_end, n = time.perf_counter() + warm_s, 0
-    while n < warmup or (time.perf_counter() < t_end and n < 1000):
-        fn()
-        n += 1
-
-
-def time_callable(fn, runs, warmup):
-    """RUNS timings (ms) of FN after :func:`warm_up`."""
-    warm_up(fn, warmup)
-    out = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t) * 1e3)
-    return out
+from .timing import host_info, ort_session, summarize, time_callable
 
 
 def _out_shape(args):
@@ -131,35 +97,6 @@ def per_op_breakdown(bundle, x_dev, repeat=15) -> tuple[list, str]:
     return rows, note
 
 
-def ort_session(model_or_path, threads):
-    """An onnxruntime CPU session for the FP32 baseline: THREADS intra-op threads, onnxruntime's
-    defaults otherwise (graph optimizations on, workers spinning between runs)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = threads
-    src = model_or_path.SerializeToString() if hasattr(model_or_path, "SerializeToString") else model_or_path
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
-
-
-def quiesce(max_wait=2.0, window=0.02, busy=0.05):
-    """Sleep until this process's other threads stop using the CPU (at most MAX_WAIT seconds).
-
-    Runtimes keep their worker threads spinning for a while after a call: TVM's thread pool for
-    about 300000 ``sched_yield`` calls (~0.15 s here), onnxruntime's and OpenMP's for tens of
-    milliseconds. A runtime timed in that window shares its cores with another one's spinning
-    threads. Returns the seconds waited.
-    """
-    t0 = time.perf_counter()
-    while True:
-        c0, w0 = time.process_time(), time.perf_counter()
-        time.sleep(window)
-        used = (time.process_time() - c0) / max(time.perf_counter() - w0, 1e-9)
-        if used < busy or time.perf_counter() - t0 >= max_wait:
-            return time.perf_counter() - t0
-
-
 def fp32_baseline(bundle_dir, manifest, x, runs, warmup):
     ref = os.path.join(bundle_dir, "reference.onnx")
     if not os.path.isfile(ref):
@@ -171,7 +108,7 @@ def fp32_baseline(bundle_dir, manifest, x, runs, warmup):
 
 
 def profile_local(bundle_dir, runs=50, warmup=5, trust=None):
-    from .bundle import load_bundle
+    from bdp.toolchain.bundle.format import load_bundle
 
     bundle = load_bundle(bundle_dir, trust=trust)
     manifest = bundle.manifest
@@ -181,7 +118,7 @@ def profile_local(bundle_dir, runs=50, warmup=5, trust=None):
     times = time_callable(lambda: bundle.run_raw(x_dev), runs, warmup)
     result = {
         "device": "local",
-        "host": _host(),
+        "host": host_info(),
         "bundle": os.path.abspath(bundle_dir),
         "target": manifest.target.name,
         "input_shape": list(shape),
@@ -200,7 +137,7 @@ def profile_local(bundle_dir, runs=50, warmup=5, trust=None):
 
 def run_profile(bundle_dir, device="local", rpc=None, tracker=None, key=None, runs=None, warmup=5, trust=None):
     """``bdp profile``: timed here (``local``), on a board over TVM RPC, or estimated for a
-    Cortex-A72 (``cortex-a72-model``, :mod:`bdp.toolchain.estimate`). RUNS None: 50 timed runs
+    Cortex-A72 (``cortex-a72-model``, :mod:`bdp.toolchain.runtime.estimate`). RUNS None: 50 timed runs
     (1 model run for the estimate, whose instruction counts are exact)."""
     from .estimate import DEVICE
 
@@ -218,21 +155,6 @@ def run_profile(bundle_dir, device="local", rpc=None, tracker=None, key=None, ru
         return remote.profile_remote(bundle_dir, device=device, rpc=rpc, tracker=tracker, key=key, runs=runs,
                                      warmup=warmup)
     return profile_local(bundle_dir, runs=runs, warmup=warmup, trust=trust)
-
-
-def _host():
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine()}
 
 
 def format_text(res) -> str:
@@ -261,17 +183,9 @@ def format_text(res) -> str:
     return "\n".join(lines)
 
 
-def write_json(path, res):
-    from bdp.files import atomic_path
-
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=2)
-
-
 def chart_png(path, res):
     """The profile chart at PATH (.png or .svg): latency beside the baselines, per-op stacked bar
-    (:func:`bdp.toolchain.charts.profile_chart`)."""
+    (:func:`bdp.toolchain.runtime.charts.profile_chart`)."""
     from .charts import profile_chart
 
     return profile_chart(path, res)
@@ -280,3 +194,11 @@ def chart_png(path, res):
 def check_runs(runs):
     if runs < 1:
         raise InputError("--runs must be at least 1")
+
+
+def write_json(path, res):
+    from bdp.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(res, f, indent=2)
