@@ -483,10 +483,11 @@ def profile_cmd(bundle, device, rpc, tracker, key, runs, warmup, json_path, char
 @click.option("--json", "json_path", default="bench.json", show_default=True)
 @click.option("--chart", default="bench.png", show_default=True, help="the chart: FILE.png or FILE.svg")
 @click.option("--quick", is_flag=True, help="fewer runs and smaller models (a smoke run, not for the README)")
-@click.option("--only", type=click.Choice(["layers", "models", "all", "wild", "float-layers"]), default="all",
+@click.option("--only", type=click.Choice(["layers", "models", "all", "wild", "float-layers", "training-code"]), default="all",
               show_default=True,
-              help="wild: Larq / Brevitas networks from the wild; float-layers: bdp's float layers (stems, heads, "
-                   "shortcuts, pooling) vs onnxruntime, speed and round-off (neither is part of all)")
+              help="wild: Larq / Brevitas / training-code networks from the wild; training-code: ReActNet-A and "
+                   "Bi-Real-18 as their training code writes them, alone; float-layers: bdp's float layers (stems, "
+                   "heads, shortcuts, pooling) vs onnxruntime, speed and round-off (none is part of all)")
 @click.option("--wild-dir", type=click.Path(file_okay=False), default=None,
               help="with --only wild: Larq networks made by make_larq.py --full (default: the small test fixtures)")
 @click.option("--target", "-t", type=click.Choice(["x86", "rpi4"]), default="x86", show_default=True,
@@ -506,7 +507,7 @@ def bench_cmd(json_path, chart, quick, only, wild_dir, target, archs, runs):
     chart_format(chart)  # a wrong extension fails before the suite's minutes of measuring
     check_output_file(json_path, "--json file")
     check_output_file(chart, "--chart file")
-    if only in ("wild", "float-layers") and target != "x86":
+    if only in ("wild", "float-layers", "training-code") and target != "x86":
         raise InputError(f"--only {only} runs on x86 only")
     if runs < 1:
         raise InputError("--runs must be at least 1")

@@ -412,10 +412,11 @@ def run(json_path="bench.json", chart="bench.png", quick=False, only="all", arch
            "int8_reduce_range": int8_reduce_range(), "targets": targets_for(spec.popcount_isa)}
     print(f"bdp bench: target {spec.name} ({spec.tvm.get('mcpu')}), bdp's popcount ISA {res['isa']}, "
           f"{threads} threads", flush=True)
-    if only == "wild":  # networks from the wild: toolchain/bench/wild.py, its own table and JSON
+    if only in ("wild", "training-code"):  # networks from the wild: toolchain/bench/wild.py, its own table and JSON
         from .wild import run_wild
 
-        return run_wild(res, json_path, threads=threads, quick=quick, wild_dir=wild_dir, workdir=workdir)
+        return run_wild(res, json_path, threads=threads, quick=quick, wild_dir=wild_dir, workdir=workdir,
+                        training_code_only=only == "training-code")
     rounds = 5 if quick else 30
     if only == "float-layers":  # bdp's float layers vs onnxruntime: toolchain/bench_float.py
         from .float_layers import FLOAT_TARGET, METHOD, run_float_layers

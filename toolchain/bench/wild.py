@@ -295,19 +295,22 @@ def summarize_wild(rows) -> dict:
             "ratio": {r["name"]: r["ratio"] for r in ok}}
 
 
-def run_wild(res, json_path, *, threads, quick=False, wild_dir=None, workdir=None):
-    """Time the wild networks into RES['wild'], print the table, write JSON_PATH; returns RES."""
+def run_wild(res, json_path, *, threads, quick=False, wild_dir=None, workdir=None, training_code_only=False):
+    """Time the wild networks into RES['wild'], print the table, write JSON_PATH; returns RES.
+    TRAINING_CODE_ONLY (``--only training-code``): the training-code rows alone."""
     from .table import write_json
 
     if wild_dir is not None and not os.path.isdir(wild_dir):
         from bdp.errors import InputError
 
         raise InputError(f"--wild-dir {wild_dir}: no such folder")
-    larq = larq_networks(wild_dir)
+    larq = [] if training_code_only else larq_networks(wild_dir)
     if quick:
         larq = larq[:2]
-    nets = larq + brevitas_networks(BREVITAS[:1] + BREVITAS[3:] if quick else BREVITAS) + \
+    nets = larq + ([] if training_code_only else brevitas_networks(BREVITAS[:1] + BREVITAS[3:] if quick else BREVITAS)) + \
         training_code_networks(quick)
+    if training_code_only:
+        nets = [n for n in nets if n[0].startswith("training-code/")]
     rounds = 5 if quick else 20
     res["wild_source"] = wild_dir or "committed fixtures (small: not representative of speed)"
     res["wild"] = []
