@@ -277,3 +277,39 @@ def test_full_layouts_pack_every_binary_conv(name, how, tmp_path):
     final, report = run_pipeline(model, "default", shapes={inp.name: (1, 3, 64, 64)})
     assert _packed(final) == S.n_binary(m), (report.one_bit_float, report.left_float)
     assert _rel(run_onnxruntime(final, {inp.name: x.numpy()})[0], ref) <= ROUNDOFF
+
+
+def _two_valued_conv(lo, hi, pads, strides, dils, group, cin=6, cout=4, hw=(7, 9), per_channel_sign=False, seed=0):
+    """x -> {lo, hi} at x >= 0.1 (per channel: lo/hi arrays) -> Conv(+/-alpha weights) -> y."""
+    rng = np.random.default_rng(seed)
+    lo, hi = np.asarray(lo, np.float32), np.asarray(hi, np.float32)
+    if per_channel_sign:  # half flips sign in some channels: lo and hi swap there
+        flip = (np.arange(cin) % 2 == 1).reshape(1, cin, 1, 1)
+        lo, hi = np.where(flip, hi, lo).astype(np.float32), np.where(flip, lo, hi).astype(np.float32)
+    w = (np.where(rng.random((cout, cin // group, 3, 3)) > 0.5, 1.0, -1.0)
+         * rng.uniform(0.5, 2.0, (cout, 1, 1, 1))).astype(np.float32)
+    nodes = [helper.make_node("GreaterOrEqual", ["x", "t"], ["c"]),
+             helper.make_node("Where", ["c", "hi", "lo"], ["v"]),
+             helper.make_node("Conv", ["v", "w"], ["y"], pads=pads, strides=strides, dilations=dils, group=group)]
+    inits = [numpy_helper.from_array(np.array(0.1, np.float32), "t"), numpy_helper.from_array(hi, "hi"),
+             numpy_helper.from_array(lo, "lo"), numpy_helper.from_array(w, "w")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, *hw])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("lo,hi,pads,strides,dils,group,pcs", [
+    (0.0, 1.0, [1, 1, 1, 1], [1, 1], [1, 1], 1, False),        # {0, 1} zero-padded: s padded with -1
+    (1.0, 3.0, [1, 1, 1, 1], [1, 1], [1, 1], 1, False),        # the border takes a third value: a map
+    (1.0, 3.0, [2, 0, 1, 2], [2, 1], [1, 2], 2, False),        # asymmetric pads, stride, dilation, groups
+    (-0.5, 0.25, [0, 0, 0, 0], [1, 1], [1, 1], 2, False),      # no border: a constant per channel
+    ([[[[0.0]], [[1.0]], [[2.0]], [[0.5]], [[-1.0]], [[3.0]]]], [[[[1.0]], [[2.0]], [[3.0]], [[1.5]], [[0.0]], [[4.0]]]],
+     [1, 1, 1, 1], [1, 1], [1, 1], 1, True),                   # per-channel {lo, hi}, gap sign per channel
+])
+def test_two_valued_inputs_are_exact_at_every_border(lo, hi, pads, strides, dils, group, pcs):
+    model = _two_valued_conv(lo, hi, pads, strides, dils, group, per_channel_sign=pcs)
+    x = np.random.default_rng(1).standard_normal((1, 6, 7, 9)).astype(np.float32)
+    want = run_onnxruntime(model, {"x": x})[0]
+    final, report = run_pipeline(model, "default", shapes={"x": (1, 6, 7, 9)})
+    assert _packed(final) == 1, (report.left_float, report.notes)
+    assert _rel(run_onnxruntime(final, {"x": x})[0], want) <= ROUNDOFF
