@@ -99,6 +99,19 @@ def sign_scale(w: np.ndarray, rtol=None):
     return wsign, alpha.astype(np.float32)
 
 
+def ternary_zeros(w: np.ndarray) -> int:
+    """How many weights are exactly 0 in a W that is +/-alpha per output channel apart from them
+    (training code's ``alpha * sign(w)`` where a latent weight was 0), else 0."""
+    m = w.shape[0]
+    flat = np.asarray(w, np.float32).reshape(m, -1)
+    zero = flat == 0
+    n = int(zero.sum())
+    if n == 0 or n == flat.size:
+        return 0
+    filled = np.where(zero, np.abs(flat).max(axis=1, keepdims=True), flat)  # a zero read as +alpha
+    return n if sign_scale(filled.reshape(w.shape)) is not None else 0
+
+
 def two_levels(w: np.ndarray):
     """(mu, sig, ws) when every output channel m of W takes two values mu_m -/+ sig_m (to
     :func:`roundoff_tol` of sig_m), ws = +/-1 saying which; or one value (sig_m = 0). Else None."""
@@ -274,6 +287,10 @@ def _try_fuse(graph, conv, report, pass_name):
         return f"{w.ndim - 2}-D convolution (only 2-D is binary)"
     ss = sign_scale(w)
     if ss is None:
+        zeros = ternary_zeros(w)
+        if zeros:
+            return (f"input is binarized and the weights are +/-alpha per output channel except {zeros} exactly 0 "
+                    "(sign(0) = 0 in the source: a ternary layer, which a packed-bit kernel cannot hold)")
         return "input is binarized but the weights are not +/-alpha per output channel"
     wsign, alpha = ss
     conv_pads = own_pads(conv)
@@ -363,7 +380,7 @@ def one_bit_weights(node) -> bool:
     per = w.reshape(w.shape[0], -1)
     if per.shape[1] < 2 or np.all(per == per[:, :1]):
         return False  # one value per channel (a box filter, a mean) is no binarized layer
-    if sign_scale(w) is not None:
+    if sign_scale(w) is not None or ternary_zeros(w):
         return True
     lv = two_levels(w)
     return lv is not None and bool(np.any(lv[1] > 0))

@@ -355,6 +355,9 @@ def build_full(name, size=224, seed=0, scale=1.0, classes=1000):
 def _trained_like(model, seed, size):
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
+        for m in model.modules():  # torch's normal_ can draw an exact 0: sign(0) = 0, a ternary weight
+            if isinstance(m, STEConv):
+                m.weight[m.weight == 0] = 1e-3
         for n, p in model.named_parameters():
             if "bias" in n and p.dim() == 4:
                 p.add_(0.3 * torch.randn(p.shape, generator=g))

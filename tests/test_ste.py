@@ -313,3 +313,21 @@ def test_two_valued_inputs_are_exact_at_every_border(lo, hi, pads, strides, dils
     final, report = run_pipeline(model, "default", shapes={"x": (1, 6, 7, 9)})
     assert _packed(final) == 1, (report.left_float, report.notes)
     assert _rel(run_onnxruntime(final, {"x": x})[0], want) <= ROUNDOFF
+
+
+def test_a_zero_latent_weight_is_a_ternary_layer_and_says_so(tmp_path):
+    """sign(0) = 0: a binary conv whose latent weights hold an exact 0 is ternary in the source;
+    bdp keeps it in float (reading it as +1 would not be round-off) and warns with the count."""
+    m = S.build("reactnet")
+    with torch.no_grad():
+        m.body[2].conv.weight[3, 5, 1, 1] = 0.0
+    x = torch.randn(*SHAPE, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = m(x).numpy()
+    path = S.export(m, x, "onnx17", str(tmp_path / "m.onnx"))
+    model = onnx.load(path)
+    final, report = run_pipeline(model, "default", shapes={"x": SHAPE})
+    assert _packed(final) == S.n_binary(m) - 1
+    (name, why), = report.one_bit_float.items()
+    assert "body.2" in name and "1 exactly 0" in why and "ternary" in why, why
+    assert _rel(run_onnxruntime(final, {"x": x.numpy()})[0], ref) <= ROUNDOFF
