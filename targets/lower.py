@@ -248,7 +248,7 @@ def build(mod, spec, progress=None, options=DEFAULT):
     if spec.kind == "cpu" and options.stack_buffers:
         from .tir_pipeline import register
 
-        tir = register(byte_counts=spec.popcount_isa == "avx2" and options.byte_counters)
+        tir = register(byte_counts=spec.schedules.byte_counters and options.byte_counters)
     with target:
         ex = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(spec, target, options), tir_pipeline=tir)
     return ex

@@ -206,7 +206,7 @@ def run(json_path="bench-rpi4.json", quick=False, only="all", archs=None, workdi
     res = {"bdp_bench": 1, "estimate": True, "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "quick": bool(quick), "command": "bdp " + " ".join(sys.argv[1:]) if sys.argv else None,
            "threads": 1, "host": host(), "versions": versions(),
-           "target": {"name": spec.name, "tvm": spec.tvm, "popcount": spec.popcount_isa}, "isa": "NEON (cnt)",
+           "target": {"name": spec.name, "tvm": spec.tvm, "popcount": spec.popcount_isa}, "isa": spec.isa_label,
            "device": "cortex-a72-model", "ghz": GHZ, "ignores": IGNORES,
            "method": ("ESTIMATES: bin/bdp-run under qemu-aarch64 (TVM_NUM_THREADS=1), executed AArch64 "
                       "instructions counted per translation block, cycles per block from llvm-mca "

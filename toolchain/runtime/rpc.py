@@ -177,7 +177,10 @@ def remote_threads(sess):
 
 
 def needed_host_arch(manifest) -> str | None:
-    arch = manifest.get("target", {}).get("arch")
-    if arch == "cuda":
-        return "x86_64"  # the cuda target's host code is built for the compiling x86-64 machine
-    return _norm_arch(arch)
+    """The machine a board must be to load the bundle's library (its target spec's
+    ``library_arch``; for a target unknown here, the manifest's ``arch``)."""
+    from bdp.targets.spec import spec_of_manifest
+
+    target = manifest.get("target", {})
+    spec = spec_of_manifest(target)
+    return _norm_arch(spec.library_arch if spec is not None else target.get("arch"))
