@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from bdp.errors import InputError
+from bdp.errors import InputError, first_line
 from bdp.files import atomic_path
 
 FORMAT = "bdp-checkpoint"
@@ -69,7 +69,7 @@ def read_checkpoint(path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, zip errors, refused globals
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e, None)
         raise InputError(f"{path}: not a loadable bdp checkpoint ({first[:200]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise InputError(f"{path}: not a bdp checkpoint (no 'format': '{FORMAT}' entry); "

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from bdp.errors import InputError
+from bdp.errors import InputError, first_line
 
 from .spec import elf_machine  # a target's ELF e_machine (pyelftools' name), from its TargetSpec
 
@@ -92,7 +92,7 @@ def validate(path, arch=None, what=None):
                         raise _bad(name, f"section {i} ends at byte {sec['sh_offset'] + sec['sh_size']}, "
                                          f"the file has {size} (truncated?)")
         except (ELFError, ELFParseError) as e:
-            raise _bad(name, str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__) from None
+            raise _bad(name, first_line(e, 120)) from None
         except (ValueError, KeyError, OSError, EOFError) as e:  # pyelftools on damaged structures
             raise _bad(name, f"damaged ELF structure: {type(e).__name__}") from None
 

@@ -233,10 +233,13 @@ def import_onnx(model: onnx.ModelProto, input_shapes: dict, spec=None, options=D
         return from_onnx(model, shape_dict=input_shapes, keep_params_in_input=False)
 
 
-def build(mod, spec, progress=None, options=DEFAULT):
-    """Schedule bdp kernels for SPEC and build; returns the TVM Executable."""
+def build(mod, spec, progress=None, options=DEFAULT, notes=None):
+    """Schedule bdp kernels for SPEC and build; returns the TVM Executable. NOTES: a list (the
+    compile report's notes) that gets one line for each optimization the build skipped, and why
+    (without it, a warning says so)."""
     import tvm
 
+    from .byte_counters import skipped_rewrites
     from .schedules import fuses_epilogues, relax_pipeline, schedule_module
 
     target = tvm.target.Target(spec.tvm)
@@ -249,7 +252,9 @@ def build(mod, spec, progress=None, options=DEFAULT):
         from .tir_pipeline import register
 
         tir = register(byte_counts=spec.schedules.byte_counters and options.byte_counters)
-    with target:
+    with target, contextlib.ExitStack() as stack:
+        if notes is not None:
+            stack.enter_context(skipped_rewrites(notes))
         ex = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(spec, target, options), tir_pipeline=tir)
     return ex
 

@@ -46,6 +46,7 @@ import time
 
 import numpy as np
 
+from bdp.errors import first_line
 from bdp.toolchain.runtime.timing import ort_session
 
 from .table import (LAYER_SHAPES, MODEL_INPUT, conv_layer_onnx, fmt, geomean, host, setup_threads, time_interleaved,
@@ -204,7 +205,7 @@ def bench_layer(c, h, w, *, threads, rounds, slow_rounds, spec):
                                                      / np.abs(want_f).max())
         fns["onnxruntime_int8"] = lambda: ort_q.run(None, {"x": x})
     except Exception as e:  # onnxruntime's quantizer failing must not hide the rest of the row
-        row["ort_int8_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+        row["ort_int8_error"] = f"{type(e).__name__}: {first_line(e, 300, empty='')}"
     res = time_interleaved(fns, rounds)
     # TVM's default pipeline leaves the conv unscheduled: slow, so timed apart with few runs
     target = tvm.target.Target(spec.tvm)
@@ -252,8 +253,8 @@ def bench_model(arch, workdir, *, threads, rounds):
         total = macs["binary"] + macs["float"]
         row["binary_macs"], row["float_macs"] = macs["binary"], macs["float"]
         row["binary_mac_share"] = macs["binary"] / total if total else 0.0
-    except Exception:
-        pass
+    except Exception as e:  # noqa: BLE001 - the row goes on without the MAC counts, and says why
+        row["binary_macs_error"] = f"{type(e).__name__}: {first_line(e, 300, empty='')}"
     ckpt = os.path.join(workdir, f"{arch}.pt")
     save_checkpoint(model, ckpt)
     out = os.path.join(workdir, f"{arch}.bundle")
@@ -289,7 +290,7 @@ def bench_model(arch, workdir, *, threads, rounds):
         q = ort_int8_session(ref, threads, name, MODEL_INPUT)
         fns["onnxruntime_int8"] = lambda: q.run(None, {name: x})
     except Exception as e:  # onnxruntime's quantizer failing must not hide the rest of the row
-        row["ort_int8_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+        row["ort_int8_error"] = f"{type(e).__name__}: {first_line(e, 300, empty='')}"
     res = time_interleaved(fns, rounds)
     row.update(res)
     _int8(row, res)
@@ -429,7 +430,7 @@ def run(json_path="bench.json", chart="bench.png", quick=False, only="all", arch
             try:
                 row = bench_layer(c, h, w, threads=threads, rounds=rounds, slow_rounds=1 if quick else 3, spec=spec)
             except Exception as e:  # keep going: one broken shape must not hide the others
-                row = {"shape": [c, h, w], "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"}
+                row = {"shape": [c, h, w], "error": f"{type(e).__name__}: {first_line(e, 300, empty='')}"}
             res["layers"].append(row)
             print(format_layers([row]).splitlines()[-1], flush=True)
         print(format_layers(res["layers"]))
@@ -441,7 +442,7 @@ def run(json_path="bench.json", chart="bench.png", quick=False, only="all", arch
                 try:
                     row = bench_model(arch, tmp, threads=threads, rounds=5 if quick else 20)
                 except Exception as e:
-                    row = {"arch": arch, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"}
+                    row = {"arch": arch, "error": f"{type(e).__name__}: {first_line(e, 300, empty='')}"}
                 res["models"].append(row)
                 print(format_models([row]).splitlines()[-1], flush=True)
         print(format_models(res["models"]))

@@ -34,7 +34,7 @@ import json
 import os
 from contextlib import contextmanager
 
-from bdp.errors import InputError
+from bdp.errors import InputError, first_line
 from bdp.files import atomic_folder, check_output_folder, only_these_files
 
 from . import manifest as _manifest
@@ -251,11 +251,11 @@ def load_bundle(bundle_dir, verify=True, trust=None) -> Bundle:
         lib = tvm_ffi.load_module(os.path.realpath(lib_path), keep_module_alive=False)
     except Exception as e:  # TVM raises several kinds for a library it cannot use
         raise InputError(f"{bundle_dir}: cannot load {manifest.library} "
-                         f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})") from None
+                         f"({first_line(e, 160)})") from None
     dev = tvm.cpu()
     try:
         vm = relax.VirtualMachine(lib, dev)
     except Exception as e:
         raise InputError(f"{bundle_dir}: {manifest.library} is not a Relax VM executable "
-                         f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})") from None
+                         f"({first_line(e, 160)})") from None
     return Bundle(str(bundle_dir), manifest, vm, dev, lib)
