@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import platform
+import threading
 from dataclasses import dataclass, field, replace
 
 from bdp.errors import InputError
@@ -62,19 +63,38 @@ def runtime_threads() -> int:
         return host_cores()
 
 
+_POOL = threading.local()  # TVM's thread pool is per calling thread: configured once in each
+# TVM's ThreadGroup::AffinityMode (src/runtime/threading_backend.cc), for runtime.config_threadpool
+_TVM_BIG_CORES = 1  # TVM's own mode: workers pinned one per core, unless TVM_BIND_THREADS says otherwise
+_TVM_SHARE_ALL_CORES = -3  # kSpecifyThreadShareAllCore: every worker may run on every CPU listed
+
+
 def configure_runtime_threads() -> int:
-    """Set TVM's thread-pool defaults for bdp before the pool starts; returns the thread count.
+    """Configure TVM's thread pool for bdp in the calling thread (once per thread, before the
+    pool's first parallel call); returns the thread count.
 
     TVM's own default on x86 is half the logical CPUs ("ignore hyper-threading") with the
     workers pinned one per core: on a 2-vCPU VM without hyper-threading that is one thread, and a
     pinned worker cannot move off a core that another thread (another runtime's spinning worker,
-    another process) takes. bdp defaults to the physical cores of its affinity mask
-    (``TVM_NUM_THREADS``) and to unpinned workers (``TVM_BIND_THREADS=0``); a value already in
-    the environment wins.
+    another process) takes. bdp runs :func:`runtime_threads` workers (the physical cores of its
+    affinity mask), each free to run on any CPU of the mask. It says so through TVM's runtime API
+    (``runtime.config_threadpool``), not the environment: loading a bundle leaves ``os.environ``
+    as it was. ``TVM_NUM_THREADS`` and ``TVM_BIND_THREADS`` in the environment still win (TVM
+    reads the binding itself).
     """
+    n = getattr(_POOL, "threads", None)
+    if n is not None:
+        return n
+    import tvm
+
     n = runtime_threads()
-    os.environ.setdefault("TVM_NUM_THREADS", str(n))
-    os.environ.setdefault("TVM_BIND_THREADS", "0")
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = list(range(os.cpu_count() or 1))
+    mode = _TVM_BIG_CORES if "TVM_BIND_THREADS" in os.environ else _TVM_SHARE_ALL_CORES
+    tvm.get_global_func("runtime.config_threadpool")(mode, n, [str(c) for c in cpus])
+    _POOL.threads = n
     return n
 
 

@@ -36,6 +36,7 @@ from contextlib import contextmanager
 
 from bdp.errors import InputError, first_line
 from bdp.files import atomic_folder, check_output_folder, only_these_files
+from bdp.targets.spec import configure_runtime_threads
 
 from . import manifest as _manifest
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, MAX_MANIFEST_BYTES, Manifest  # noqa: F401 (re-exported)
@@ -188,6 +189,7 @@ class Bundle:
         return np.ascontiguousarray(x)
 
     def run_raw(self, tvm_input):
+        configure_runtime_threads()  # TVM's pool is per thread: this one's, once (a no-op after)
         try:
             return self._vm["main"](tvm_input)
         except (ValueError, TypeError, RuntimeError) as e:  # TVM checks the arguments against the program
@@ -235,7 +237,6 @@ def load_bundle(bundle_dir, verify=True, trust=None) -> Bundle:
     from tvm import relax
 
     from bdp.targets import elf
-    from bdp.targets.spec import configure_runtime_threads
 
     configure_runtime_threads()  # before TVM's thread pool starts (its first parallel call)
     manifest = read_manifest(bundle_dir, verify=verify, trust=trust)
