@@ -25,3 +25,13 @@ class UnsupportedOpError(InputError):
         super().__init__(msg)
         self.node_name = node_name
         self.op_type = op_type
+
+
+def first_line(e: BaseException, limit: int | None = 160, empty: str | None = None) -> str:
+    """What a one-line report of exception E says: the first line of its message, stripped, at
+    most LIMIT characters (None: all of it). An empty message gives EMPTY (default: E's type
+    name)."""
+    s = str(e).strip()
+    if not s:
+        return type(e).__name__ if empty is None else empty
+    return s.splitlines()[0].strip()[:limit] if limit is not None else s.splitlines()[0].strip()

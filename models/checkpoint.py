@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from bdp.errors import InputError
+from bdp.errors import InputError, first_line
 from bdp.files import atomic_path
 
 FORMAT = "bdp-checkpoint"
@@ -91,7 +91,7 @@ def read_checkpoint(path) -> dict:
             # file could rebuild; bdp never does
             raise InputError(f"{path}: not a bdp checkpoint but a whole pickled model (torch.save(model)); bdp never "
                              f"unpickles code from a file. {BRING_YOUR_OWN}") from None
-        first = text.splitlines()[0] if text else type(e).__name__
+        first = first_line(e, None)
         raise InputError(f"{path}: not a loadable bdp checkpoint ({first[:200]})") from None
     if isinstance(ckpt, dict) and ckpt.get("format") != FORMAT and _looks_like_weights(ckpt):
         raise InputError(f"{path}: not a bdp checkpoint but a state_dict (weights without the network's code): bdp "

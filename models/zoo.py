@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bdp.errors import first_line
+
 from .arch_bidense import BinaryUperNet
 from .arch_bqdense import BQDense
 from .arch_mtinet import MTINet
@@ -163,7 +165,7 @@ def build_checked(name: str, overrides, where="config", device=None) -> nn.Modul
             meta = build(name, **cfg)
     except (ValueError, TypeError, KeyError, AssertionError, IndexError, RuntimeError) as e:
         raise InputError(f"{where}: config does not fit architecture '{name}' "
-                         f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})") from None
+                         f"({first_line(e, 160)})") from None
     nbytes = sum(p.numel() * p.element_size() for p in meta.parameters())
     nbytes += sum(b.numel() * b.element_size() for b in meta.buffers())
     if nbytes > MAX_PARAM_BYTES:

@@ -26,9 +26,21 @@ one split where it alone is longer),
 
 The counts are the same integers (exact); nothing else in a function changes. Nests that do not
 have exactly this form are left as they are.
+
+A function the pass cannot take apart as it expects is compiled as it came (the rewrite is an
+optimization, never a failed build), and said: into the notes of :func:`skipped_rewrites` (the
+compile report's ``notes``, see :func:`bdp.targets.lower.build`), else as a warning.
 """
 
 from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+
+from bdp.errors import first_line
+
+_NOTES = threading.local()  # the notes list of the build running in this thread (skipped_rewrites)
 
 MAX_STEPS = 31  # popcount additions per byte lane between widenings: 31 * 8 = 248 <= 255
 MIN_STEPS = 4  # chunks shorter than this are not worth a widening each
@@ -274,15 +286,41 @@ def byte_counters(func):
     return new, state["n"]
 
 
+@contextlib.contextmanager
+def skipped_rewrites(notes: list):
+    """Within the block (one build, in this thread), each function the pass compiles without its
+    rewrite is one line in NOTES: which, why, and what it costs."""
+    before = getattr(_NOTES, "notes", None)
+    _NOTES.notes = notes
+    try:
+        yield notes
+    finally:
+        _NOTES.notes = before
+
+
+def _skipped(func, e):
+    attrs = func.attrs
+    name = str(attrs["global_symbol"]) if attrs is not None and "global_symbol" in attrs else "a kernel"
+    msg = (f"byte counters skipped in {name} ({type(e).__name__}: {first_line(e)}): compiled without the "
+           "rewrite, same results, its popcounts slower")
+    notes = getattr(_NOTES, "notes", None)
+    if notes is not None:
+        notes.append(msg)
+    else:
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+
+
 def byte_counters_pass():
     """The pass over every PrimFunc of a module. The rewrite only makes code faster: a function
-    it cannot take apart as it expects is compiled as it was (never a failed build)."""
+    it cannot take apart as it expects is compiled as it was (never a failed build), and that is
+    noted (:func:`skipped_rewrites`)."""
     from tvm import tirx
 
     def _run(func, _mod, _ctx):
         try:
             return byte_counters(func)[0]
-        except Exception:  # noqa: BLE001 - an optimization: the function as it came is correct
+        except Exception as e:  # noqa: BLE001 - an optimization: the function as it came is correct; noted
+            _skipped(func, e)
             return func
 
     return tirx.transform.prim_func_pass(_run, opt_level=0, name="BdpByteCounters")

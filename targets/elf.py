@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import os
 
-from bdp.errors import InputError
+from bdp.errors import InputError, first_line
 
-# bundle target arch -> ELF e_machine (pyelftools' names)
-MACHINES = {"x86_64": "EM_X86_64", "aarch64": "EM_AARCH64"}
+from .spec import elf_machine  # a target's ELF e_machine (pyelftools' name), from its TargetSpec
+
 _EHDR = 64   # ELF64 header
 _PHENT = 56  # ELF64 program header entry
 _SHENT = 64  # ELF64 section header entry
@@ -31,7 +31,8 @@ def _bad(path, why):
 
 def validate(path, arch=None, what=None):
     """Raise InputError unless PATH is a complete 64-bit little-endian ELF shared library for
-    ARCH ('x86_64' or 'aarch64'; None: any). WHAT names the file in the message (default PATH)."""
+    ARCH (a TargetSpec ``arch`` whose spec names an ``elf_machine``; None: any). WHAT names the
+    file in the message (default PATH)."""
     from elftools.common.exceptions import ELFError, ELFParseError
     from elftools.elf.elffile import ELFFile
 
@@ -60,7 +61,7 @@ def validate(path, arch=None, what=None):
             if h["e_type"] != "ET_DYN":
                 raise _bad(name, f"{h['e_type']}, not a shared library")
             if arch is not None:
-                want = MACHINES.get(arch)
+                want = elf_machine(arch)
                 if want is None or h["e_machine"] != want:
                     raise _bad(name, f"machine {h['e_machine']}, the bundle's target is {arch}")
             if h["e_phnum"] == 0 or h["e_phentsize"] != _PHENT:
@@ -91,7 +92,7 @@ def validate(path, arch=None, what=None):
                         raise _bad(name, f"section {i} ends at byte {sec['sh_offset'] + sec['sh_size']}, "
                                          f"the file has {size} (truncated?)")
         except (ELFError, ELFParseError) as e:
-            raise _bad(name, str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__) from None
+            raise _bad(name, first_line(e, 120)) from None
         except (ValueError, KeyError, OSError, EOFError) as e:  # pyelftools on damaged structures
             raise _bad(name, f"damaged ELF structure: {type(e).__name__}") from None
 

@@ -2,8 +2,9 @@
 
 The standard ops go through TVM's Relax ONNX frontend. That frontend has no hook for custom
 domains, so while importing, bdp adds its own converters to the frontend's op table (restored
-afterwards): each ``bdp.BinaryConv`` becomes a ``call_tir`` of the packed-bit TE kernel in
-:mod:`bdp.targets.kernels`, with its weights re-packed into the kernel's layout at compile time.
+afterwards; the patch and why: :mod:`bdp.targets.tvm_patches`): each ``bdp.BinaryConv``
+becomes a ``call_tir`` of the packed-bit TE kernel in :mod:`bdp.targets.kernels`, with its
+weights re-packed into the kernel's layout at compile time.
 Kernels are then scheduled per target (:mod:`bdp.targets.schedules`).
 """
 
@@ -182,30 +183,18 @@ def _binary_conv_converter(plan: LoweringPlan):
 @contextlib.contextmanager
 def bdp_frontend(plan: LoweringPlan):
     """Teach TVM's Relax ONNX frontend the ``bdp`` ops (lowered as PLAN says) for the duration of
-    the block."""
-    from tvm.relax.frontend.onnx import onnx_frontend as fe
-
-    orig = fe._get_convert_map
+    the block (TVM has no public way to add converters: :mod:`bdp.targets.tvm_patches`)."""
     from .resize import resize_converter
+    from .tvm_patches import onnx_converters
 
-    extra = {"BinaryConv": _binary_conv_converter(plan), "Resize": resize_converter()}
-
-    def patched():
-        table = dict(orig())
-        table.update(extra)
-        return table
-
-    fe._get_convert_map = patched
-    try:
+    with onnx_converters({"BinaryConv": _binary_conv_converter(plan), "Resize": resize_converter()}):
         yield
-    finally:
-        fe._get_convert_map = orig
 
 
 def supported_ops() -> set:
-    from tvm.relax.frontend.onnx import onnx_frontend as fe
+    from .tvm_patches import onnx_convert_map
 
-    return set(fe._get_convert_map()) | {"BinaryConv", "Constant", "If"}
+    return set(onnx_convert_map()) | {"BinaryConv", "Constant", "If"}
 
 
 def check_supported(model: onnx.ModelProto):
@@ -233,10 +222,13 @@ def import_onnx(model: onnx.ModelProto, input_shapes: dict, spec=None, options=D
         return from_onnx(model, shape_dict=input_shapes, keep_params_in_input=False)
 
 
-def build(mod, spec, progress=None, options=DEFAULT):
-    """Schedule bdp kernels for SPEC and build; returns the TVM Executable."""
+def build(mod, spec, progress=None, options=DEFAULT, notes=None):
+    """Schedule bdp kernels for SPEC and build; returns the TVM Executable. NOTES: a list (the
+    compile report's notes) that gets one line for each optimization the build skipped, and why
+    (without it, a warning says so)."""
     import tvm
 
+    from .byte_counters import skipped_rewrites
     from .schedules import fuses_epilogues, relax_pipeline, schedule_module
 
     target = tvm.target.Target(spec.tvm)
@@ -248,8 +240,10 @@ def build(mod, spec, progress=None, options=DEFAULT):
     if spec.kind == "cpu" and options.stack_buffers:
         from .tir_pipeline import register
 
-        tir = register(byte_counts=spec.popcount_isa == "avx2" and options.byte_counters)
-    with target:
+        tir = register(byte_counts=spec.schedules.byte_counters and options.byte_counters)
+    with target, contextlib.ExitStack() as stack:
+        if notes is not None:
+            stack.enter_context(skipped_rewrites(notes))
         ex = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(spec, target, options), tir_pipeline=tir)
     return ex
 

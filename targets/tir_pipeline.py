@@ -24,6 +24,7 @@ from __future__ import annotations
 STACK_BUFFER_MAX = 32 * 1024
 STACK_FUNCTION_MAX = 128 * 1024
 PIPELINE_NAME = "bdp-cpu"
+_REGISTERED: set = set()
 _DISABLE = "disable_lower_builtin"  # tvm::tirx::transform::kDisableLowerTVMBuiltin
 
 
@@ -112,8 +113,10 @@ def register(byte_counts: bool = False) -> str:
     """Register bdp's CPU TIR pipeline with TVM (once); returns its name for ``tvm.compile``'s
     ``tir_pipeline``. BYTE_COUNTS: with :mod:`bdp.targets.byte_counters` first (targets whose
     vector popcount counts bytes: AVX2)."""
-    from tvm.tirx import compilation_pipeline
+    from tvm.tirx.compilation_pipeline import register_tir_pipeline
 
     name = PIPELINE_NAME + ("-bytes" if byte_counts else "")
-    compilation_pipeline.PIPELINE_MAP.setdefault(name, _factory(byte_counts))
+    if name not in _REGISTERED:
+        register_tir_pipeline(name, _factory(byte_counts))  # TVM's public registry of named TIR pipelines
+        _REGISTERED.add(name)
     return name

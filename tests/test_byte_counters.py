@@ -180,3 +180,32 @@ def test_avx2_byte_word_fills_vectors_of_columns():
     assert plan(256, 16, 20) == ("k", 16)  # 20 columns: no whole vector, channels in the lanes
     assert plan(48, 16, 32)[1] == 16  # 48 channels: 3 words of 16 bits (2 of 32 would pad 16)
     assert plan(256, 16, 20, byte_counters=False)[1] == 64  # without: 64-bit words
+
+
+def test_a_skipped_rewrite_is_in_the_compile_report(monkeypatch, tmp_path):
+    """The rewrite is an optimization: a function it cannot take apart is compiled as it came,
+    with the same outputs, and the compile report says which and why (a silent skip would hide a
+    speed regression)."""
+    import json
+
+    import onnx
+    import onnxruntime as ort
+
+    import bdp
+    import bdp.targets.byte_counters as bc
+    from bdp.toolchain.bench.table import conv_layer_onnx
+
+    def failing(func):
+        raise ValueError("unexpected loop nest\nsecond line")
+
+    monkeypatch.setattr(bc, "byte_counters", failing)
+    model = conv_layer_onnx(16, 8, 16, binary=True)
+    onnx.save(model, tmp_path / "layer.onnx")
+    out = bdp.compile(str(tmp_path / "layer.onnx"), target="x86-avx2", out=str(tmp_path / "b"))
+    notes = json.loads((tmp_path / "b" / "report.json").read_text())["notes"]
+    skipped = [n for n in notes if n.startswith("byte counters skipped in ")]
+    assert skipped and all("ValueError: unexpected loop nest)" in n for n in skipped), notes
+    x = np.random.default_rng(0).standard_normal((1, 16, 8, 16)).astype(np.float32)
+    got = bdp.load(out)(x)["y"]
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert float(np.abs(got - want).max()) <= 1e-5 * float(np.abs(want).max())

@@ -132,3 +132,69 @@ def test_no_file_over_800_lines():
                 if count > 800:
                     long.append(f"{os.path.relpath(path, ROOT)}: {count}")
     assert not long, long
+
+
+def _spec_keywords(key):
+    """The string values KEY takes in the TargetSpec entries of targets/spec.py."""
+    tree = ast.parse(open(os.path.join(ROOT, "targets", "spec.py")).read())
+    return {kw.value.value for node in ast.walk(tree) if isinstance(node, ast.Call) for kw in node.keywords
+            if kw.arg == key and isinstance(kw.value, ast.Constant) and isinstance(kw.value.value, str)}
+
+
+def _str_constants(node):
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return {node.value}
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return {e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+    return set()
+
+
+def _target_fact(node):
+    """NODE reads a target fact by name: ``x.popcount_isa``, ``x.arch``, ``x["arch"]``, ``x.get("arch")``."""
+    facts = ("popcount_isa", "popcount", "arch")
+    if isinstance(node, ast.Attribute):
+        return node.attr in facts
+    if isinstance(node, ast.Subscript):
+        return isinstance(node.slice, ast.Constant) and node.slice.value in facts
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
+        return bool(node.args) and isinstance(node.args[0], ast.Constant) and node.args[0].value in facts
+    return False
+
+
+def test_target_facts_live_on_the_spec():
+    """Only targets/spec.py compares ISA or architecture names; everything else asks the
+    TargetSpec (its ScheduleTraits, elf_machine, library_arch, ...), so that a new target is one
+    spec entry (and at most one device module), not an edit in every file that compares names."""
+    isas = _spec_keywords("popcount_isa") - {""}
+    assert {"avx2", "neon-cnt"} <= isas
+    bad = []
+    for mod, path in _modules().items():
+        if mod == "bdp.targets.spec":
+            continue
+        for node in ast.walk(ast.parse(open(path).read())):
+            if not isinstance(node, ast.Compare):
+                continue
+            operands = [node.left, *node.comparators]
+            consts = set().union(*(_str_constants(o) for o in operands))
+            if consts & isas or (consts and any(_target_fact(o) for o in operands)) or any(
+                    isinstance(o, ast.Attribute) and o.attr == "popcount_isa" for o in operands):
+                bad.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_tables_keyed_by_isa():
+    """The ISA name (``popcount_isa``) is reported, never looked up: no ``TABLE[spec.popcount_isa]``
+    or ``TABLE.get(spec.popcount_isa)`` outside targets/spec.py (such a table is a spec field)."""
+    bad = []
+    for mod, path in _modules().items():
+        if mod == "bdp.targets.spec":
+            continue
+        for node in ast.walk(ast.parse(open(path).read())):
+            keys = []
+            if isinstance(node, ast.Subscript):
+                keys = [node.slice]
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
+                keys = node.args[:1]
+            if any(isinstance(k, ast.Attribute) and k.attr == "popcount_isa" for k in keys):
+                bad.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    assert not bad, "\n".join(bad)

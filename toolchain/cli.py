@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from bdp.errors import InputError
+from bdp.errors import InputError, first_line
 
 
 def _target_names():
@@ -71,7 +71,7 @@ def raise_or_fail(e):
     """A fault of bdp itself: the traceback with BDP_DEBUG=1, else one line and exit 1."""
     if os.environ.get("BDP_DEBUG"):
         raise e
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    first = first_line(e, None, empty="")
     _fail(f"internal error: {type(e).__name__}: {first[:300]} (set BDP_DEBUG=1 for the traceback)", 1)
 
 
@@ -269,7 +269,7 @@ def train_cmd(arch, out, data, epochs, teacher, size, n_train, batch_size, width
             sys.exit(2)
         raise
     except Exception as e:  # reported to `bdp train --nproc`, which prints it; else guarded does
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = first_line(e, None, empty="")
         if not os.environ.get("BDP_DEBUG") and _dist.report_failure(1, f"internal error: {type(e).__name__}: {first}"):
             sys.exit(1)
         raise

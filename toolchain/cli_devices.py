@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from bdp.errors import InputError
+from bdp.errors import InputError, first_line
 
 
 def _guarded(fn):
@@ -33,7 +33,7 @@ def _guarded(fn):
 
             if os.environ.get("BDP_DEBUG"):
                 raise
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            first = first_line(e, None, empty="")
             click.echo(f"bdp: error: internal error: {type(e).__name__}: {first[:300]} "
                        f"(set BDP_DEBUG=1 for the traceback)", err=True)
             sys.exit(1)

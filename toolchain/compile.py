@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 import bdp
-from bdp.errors import InputError
+from bdp.errors import InputError, first_line
 
 from .bundle.format import LIBRARY, atomic_bundle, finalize_manifest
 from .bundle.manifest import safe_output_name
@@ -288,7 +288,7 @@ def _compile(module_or_path, target, out, input_shape, pipeline, dump_after, dum
         ref_outs = run_onnxruntime(final, {inp.name: x0})
     except Exception as e:
         raise InputError(f"{model}: onnxruntime cannot run the model after passes "
-                         f"({str(e).strip().splitlines()[0][:200]})") from None
+                         f"({first_line(e, 200)})") from None
     out_names = [o.name for o in final.graph.output]
     for n in out_names:
         safe_output_name(str(model), "output name", n)
@@ -301,7 +301,7 @@ def _compile(module_or_path, target, out, input_shape, pipeline, dump_after, dum
     stages("import")
     mod = import_onnx(final, {inp.name: list(shape)}, spec, options)
     stages("build")
-    ex = build(mod, spec, options=options)
+    ex = build(mod, spec, options=options, notes=report.notes)
     stages("bundle")
     with atomic_bundle(out, force) as tmp:
         export_library(ex, os.path.join(tmp, LIBRARY), spec)

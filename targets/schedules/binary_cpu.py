@@ -40,12 +40,12 @@ def binary_word(p, spec, options=DEFAULT) -> int:
     if options.binary_word != "auto":
         return int(options.binary_word)
     default = p.default_word
-    isa = spec.popcount_isa
-    if isa == "neon-cnt":
+    traits = spec.schedules
+    if traits.narrow_words:
         return min(default, NARROW_WORD)
-    if isa == "avx2" and options.byte_counters and default >= NARROW_WORD:
+    if traits.byte_counters and options.byte_counters and default >= NARROW_WORD:
         return avx2_byte_word(p, spec)
-    if isa == "avx2":
+    if traits.byte_counters:
         _, ow = p.out_hw
         if default >= NARROW_WORD and ow % spec.vector_lanes(NARROW_WORD) == 0 and ow >= NARROW_X_MIN_COLUMNS:
             return NARROW_WORD
@@ -121,11 +121,10 @@ def _neon_plan(p, spec, vl, xv, force):
     return min(plans, key=lambda t: t[0])[1]
 
 
-# ISAs whose register tiles are chosen for the fewest loads per popcount (several vectors of
-# columns in orientation x, up to 4 vectors of channels in k): measured on the Cortex-A72
-# estimator and on AVX2 (Zen 3); elsewhere (AVX-512, not measured since) the tiles of before (one
-# vector of columns, at most two of channels)
-WIDE_TILES = ("neon-cnt", "avx2")
+# WIDE_TILES (``spec.schedules.wide_tiles``): register tiles chosen for the fewest loads per
+# popcount (several vectors of columns in orientation x, up to 4 vectors of channels in k):
+# measured on the Cortex-A72 estimator and on AVX2 (Zen 3); elsewhere (AVX-512, not measured
+# since) the tiles of before (one vector of columns, at most two of channels)
 
 
 def binary_conv_plan(p, spec, options=DEFAULT) -> dict:
@@ -137,13 +136,14 @@ def binary_conv_plan(p, spec, options=DEFAULT) -> dict:
     k_ok = mg % vl == 0
     # x tile: the widest power of two up to a register that divides OW (no ragged vectors)
     xv = next(v for v in (vl, vl // 2, vl // 4, vl // 8, 8, 4, 2, 1) if v <= vl and ow % v == 0)
-    if spec.popcount_isa == "neon-cnt" and p.out_mode != "bits":
+    wide = spec.schedules.wide_tiles
+    if spec.schedules.cycle_model_tiles and p.out_mode != "bits":
         # packed-bit outputs keep the tiles below: their bytes come from the registers when a tile
         # holds 8 channels (x) and their output stage is not the one NEON_OUTPUT_CYCLES models
         return _neon_plan(p, spec, vl, xv, force)
     # k where the column tile falls short of a register (the WIDE_TILES ISAs, where it was
     # measured; elsewhere, AVX-512, k only below half a register) or the row is short
-    short = xv < vl if spec.popcount_isa in WIDE_TILES else 2 * xv < vl
+    short = xv < vl if wide else 2 * xv < vl
     if force in ("x", "k"):
         orient = force if (force == "x" or k_ok) else "x"
     elif k_ok and (short or ow < 4 * xv):
@@ -156,14 +156,14 @@ def binary_conv_plan(p, spec, options=DEFAULT) -> dict:
     if orient == "x":
         mt = divisor(mg, [d for d in (8, 6, 4, 3, 2, 1) if d <= budget]) or 1
         nvec = 1
-        if spec.popcount_isa in WIDE_TILES and xv == vl:
+        if wide and xv == vl:
             # several vectors of columns per tile: each broadcast weight word serves NVEC vectors,
             # each activation vector MT channels; the fewest loads per popcount, 1/MT + 1/NVEC
             tiles = [(1 / m + 1 / v, -m, v, m) for v in (1, 2, 4) if ow % (v * vl) == 0
                      for m in (8, 6, 4, 3, 2, 1) if mg % m == 0 and v * m <= budget]
             _, _, nvec, mt = min(tiles)
         return {"orient": "x", "xv": xv * nvec, "mt": mt, "vl": vl}
-    if spec.popcount_isa in WIDE_TILES:
+    if wide:
         # NK vectors of output channels x WT columns: each broadcast activation word serves NK
         # vectors, each weight vector WT columns; the fewest loads per popcount
         tiles = [(1 / w + 1 / k, -k, k, w) for k in (1, 2, 4) if mg % (k * vl) == 0
@@ -392,14 +392,13 @@ def _register_accumulators(sch, blk, at, p, epilogue, tile_m=0, lanes_last=False
 # depthwise layers (bnn-baseline's): Cortex-A72 estimate 1.50 -> 0.78 ms at 32x64x80 (with the
 # partitioned pad stage); AVX2 (Zen 3) measured 1.4-1.6x faster at 32x64x80 .. 256x8x10 than
 # one row at a time, 2 rows in between. Elsewhere (AVX-512, not measured) a row at a time.
-DEPTHWISE_ROWS = 4
-DEPTHWISE_ROW_ISAS = ("neon-cnt", "avx2")
+DEPTHWISE_ROWS = 4  # on the targets whose ``spec.schedules.depthwise_rows`` is set
 
 
 def depthwise_rows(p, spec) -> int:
     """Output rows per tile of depthwise binary conv P on SPEC (1: a row at a time)."""
     oh, _ = p.out_hw
-    if spec.popcount_isa not in DEPTHWISE_ROW_ISAS or p.kh < 2:
+    if not spec.schedules.depthwise_rows or p.kh < 2:
         return 1
     return next((t for t in (DEPTHWISE_ROWS, 2) if oh % t == 0), 1)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from .float_tile import BLOCK_MIN_TERMS, _block_count, crop_by_positions, tile_channels
+from .float_tile import _block_count, crop_by_positions, tile_channels
 from .relayout import (feeds_light_reduction, move_dim_last, phase_split_strided_reads, reads_per_input,
                        relayout_copied, relayout_innermost)
 from .tir_util import (PARALLEL_MIN_ELEMENTS, PARALLEL_MIN_MACS, SCHEDULE_ERRORS, choose_vec, concat_split,
@@ -105,20 +105,21 @@ def _parallel_outer(sch, outer, macs):
 # register file in accumulators: with the A72's 10-cycle FMA chains (llvm-mca's model) 8
 # accumulators left a 1x1 conv at 2.7 MACs per cycle, 16 at 3.5. Elsewhere (AVX-512, not
 # measured since) the channel tiles first.
-COLUMNS_FIRST = {"neon-cnt": None, "avx2": (64, 16)}
+# (COLUMNS_FIRST: ``spec.schedules.columns_first``, with the AVX2 limits (64, 16) in
+# ``columns_first_limits``; see bdp.targets.spec.AVX2_TRAITS / NEON_TRAITS)
 # Reductions of at least this many terms that the column tiles sum in blocks (the channel tiles'
 # rule, onnxruntime's round-off); default every one. On NEON not the short ones of stems (a block
 # per input channel): their blocks cost the A72 about 15% (estimated: a 3->16 3x3/2 stem at
 # 256x320 2.01 -> 2.31 ms) for round-off already at 1e-7 of the output's scale (27 terms)
-COLUMN_BLOCKS_MIN_TERMS = {"neon-cnt": 2 * BLOCK_MIN_TERMS}
+# (COLUMN_BLOCKS_MIN_TERMS: ``spec.schedules.column_block_min_terms``, 2 * BLOCK_MIN_TERMS on NEON)
 
 
 def columns_first(spec, k, m) -> bool:
     """Whether a float conv of K reduction terms and M output channels on SPEC tries vectors
     over its output columns before channel tiles (COLUMNS_FIRST)."""
-    if spec.popcount_isa not in COLUMNS_FIRST:
+    if not spec.schedules.columns_first:
         return False
-    limits = COLUMNS_FIRST[spec.popcount_isa]
+    limits = spec.schedules.columns_first_limits
     return limits is None or k <= limits[0] or m <= limits[1]
 
 
@@ -126,7 +127,7 @@ def _columns_first_fits(sch, block, spec, ctx) -> bool:
     """Whether reduction BLOCK on SPEC tries the column tiles before channel tiles
     (COLUMNS_FIRST): its column axis reads no constant parameter, and on ISAs with limits its
     reduction or its output channels (the axis the column-indexed reads ignore) are short."""
-    if spec.popcount_isa not in COLUMNS_FIRST:
+    if not spec.schedules.columns_first:
         return False
     found = spatial_then_reduction(sch, block)
     if found is None:
@@ -385,7 +386,7 @@ def schedule_float_cpu(func, spec, const_params=(), debug=False):
                     # depthwise conv or pooling too narrow for either: channel tiles of its input
                     if (attempt == "channels" and _columns_first_fits(sch, b, spec, ctx)
                             and _tile_reduction(sch, b, lanes, regs, ctx, orients=("x",), acc_budget=regs // 2,
-                                                blocked=COLUMN_BLOCKS_MIN_TERMS.get(spec.popcount_isa, 0))):
+                                                blocked=spec.schedules.column_block_min_terms)):
                         tiled.add(name)
                     elif attempt == "channels" and tile_channels(sch, b, lanes, regs, ctx, vector_input=False):
                         tiled.update({name, name + "_rf"})

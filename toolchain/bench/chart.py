@@ -23,8 +23,8 @@ import sys
 
 from bdp.errors import InputError
 
-from bdp.toolchain.runtime.charts import (RUNTIME_COLOURS, chart_format, fmt_ms, fmt_x, host_line, median_ms, new_figure, save_figure,
-                     use_log)
+from bdp.toolchain.runtime.charts import (RUNTIME_COLOURS, chart_format, fmt_ms, fmt_x, host_line, median_ms,
+                                          new_figure, save_figure, use_log)
 
 INT8_KEYS = ("onnxruntime_int8", "ort_int8", "int8_onnxruntime", "onnxruntime_int8_qdq")
 LAYER_SERIES = [("bdp", ("bdp",)),

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bdp.errors import first_line
+
 FLOAT_TARGET = "x86-avx2"  # the ISA every x86 host of the project has
 METHOD = ("each layer a one-node ONNX graph; bdp (Relax VM) and onnxruntime FP32 with the same threads, timed "
           "interleaved (3 passes; ratio = median over passes of bdp median / onnxruntime median, r(min) = ratio of "
@@ -352,7 +354,7 @@ def run_float_layers(*, threads, spec_name=FLOAT_TARGET, quick=False, names=None
             row = bench_float_layer(layer, threads=threads, spec=spec, budget_ms=150.0 if quick else 600.0,
                                     repeats=1 if quick else repeats, cpu_seconds=0.5 if quick else 2.0)
         except Exception as e:  # keep going: one broken layer must not hide the others
-            row = {"name": layer.name, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"}
+            row = {"name": layer.name, "error": f"{type(e).__name__}: {first_line(e, 300, empty='')}"}
         rows.append(row)
         if print_rows:
             print(format_float_layers([row]).splitlines()[-1], flush=True)

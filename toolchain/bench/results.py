@@ -19,6 +19,8 @@ import os
 import sys
 import time
 
+from bdp.errors import first_line
+
 ORDER = ["mtinet", "bi-mtdp", "bi-mtdp-c", "bi-mtdp-f", "bidense", "bnn-baseline", "reactnet-baseline", "bq-dense",
          "bireal-tiny"]
 
@@ -65,7 +67,7 @@ def bundle_stats(ckpt, bundle_dir, target):
                 total += os.path.getsize(os.path.join(root, f))
         return wb, total
     except Exception as e:  # noqa: BLE001 - any failure goes into the table
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e, None)
         return f"compile failed: {msg[:160]}", None
 
 
@@ -108,7 +110,7 @@ def run(out, epochs=3, n_train=256, size=(64, 80), batch_size=8, seed=0, archs=N
             macs = count_macs(model, (1, 3) + tuple(mac_size))
             row["bin"], row["flt"] = macs["binary"], macs["float"]
         except Exception as e:  # noqa: BLE001 - record and go on
-            row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:200]
+            row["error"] = f"{type(e).__name__}: {first_line(e, None, empty='')}"[:200]
             log(f"[results] {arch} failed: {row['error']}")
             rows.append(row)
             continue

@@ -29,6 +29,8 @@ import time
 
 import numpy as np
 
+from bdp.errors import first_line
+
 from bdp.toolchain.runtime.estimate import GHZ, IGNORES, IGNORES_SHORT
 
 QUICK_ARCHS = ["bireal-tiny"]
@@ -206,7 +208,7 @@ def run(json_path="bench-rpi4.json", quick=False, only="all", archs=None, workdi
     res = {"bdp_bench": 1, "estimate": True, "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "quick": bool(quick), "command": "bdp " + " ".join(sys.argv[1:]) if sys.argv else None,
            "threads": 1, "host": host(), "versions": versions(),
-           "target": {"name": spec.name, "tvm": spec.tvm, "popcount": spec.popcount_isa}, "isa": "NEON (cnt)",
+           "target": {"name": spec.name, "tvm": spec.tvm, "popcount": spec.popcount_isa}, "isa": spec.isa_label,
            "device": "cortex-a72-model", "ghz": GHZ, "ignores": IGNORES,
            "method": ("ESTIMATES: bin/bdp-run under qemu-aarch64 (TVM_NUM_THREADS=1), executed AArch64 "
                       "instructions counted per translation block, cycles per block from llvm-mca "
@@ -220,7 +222,7 @@ def run(json_path="bench-rpi4.json", quick=False, only="all", archs=None, workdi
                 try:
                     row = bench_layer(c, h, w, tmp, runs=runs, float_baseline=float_baseline)
                 except Exception as e:  # one broken shape must not hide the others
-                    row = {"shape": [c, h, w], "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"}
+                    row = {"shape": [c, h, w], "error": f"{type(e).__name__}: {first_line(e, 300, empty='')}"}
                 res["layers"].append(row)
                 print(format_layers([row]).splitlines()[-1], flush=True)
                 write_json(json_path, res)
@@ -232,7 +234,7 @@ def run(json_path="bench-rpi4.json", quick=False, only="all", archs=None, workdi
                 try:
                     row = bench_model(arch, tmp, runs=runs, float_baseline=float_baseline)
                 except Exception as e:
-                    row = {"arch": arch, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"}
+                    row = {"arch": arch, "error": f"{type(e).__name__}: {first_line(e, 300, empty='')}"}
                 res["models"].append(row)
                 print(format_models([row]).splitlines()[-1], flush=True)
                 write_json(json_path, res)

@@ -46,33 +46,29 @@ import time
 
 import numpy as np
 
+from bdp.errors import first_line
 from bdp.toolchain.runtime.timing import ort_session
 
 from .table import (LAYER_SHAPES, MODEL_INPUT, conv_layer_onnx, fmt, geomean, host, setup_threads, time_interleaved,
                     versions, write_json)
 
-TARGETS = {"layer_geomean": 8.0, "layer_each": 5.0, "model_each": 4.0, "weights_ratio": 20.0,
+GOALS = {"layer_geomean": 8.0, "layer_each": 5.0, "model_each": 4.0, "weights_ratio": 20.0,
            "compile_seconds": 60.0}
-# per popcount ISA where the project's issues ask differently: AVX2 has no vector popcount and
-# onnxruntime's FP32 conv runs near the FMA peak (about 7x is the limit per layer)
-ISA_TARGETS = {"avx2": {"layer_geomean": 6.0, "model_int8_each": 2.5}}
 
 
-def targets_for(popcount_isa) -> dict:
-    return {**TARGETS, **ISA_TARGETS.get(popcount_isa, {})}
+def targets_for(spec) -> dict:
+    """The goals of the suite on target SPEC: GOALS, with the spec's ``bench_goals`` where the
+    project's issues ask differently of its ISA."""
+    return {**GOALS, **spec.bench_goals}
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers
 
 
-ISA_NAMES = {"avx512-vpopcntdq": "AVX-512 VPOPCNTDQ", "avx512": "AVX-512", "avx2": "AVX2", "popcnt": "POPCNT",
-             "neon-cnt": "NEON (cnt)"}
-
-
 def isa_name(spec) -> str:
     """The popcount ISA bdp's kernels run with, as a reader knows it (from the target spec)."""
-    return ISA_NAMES.get(spec.popcount_isa, spec.popcount_isa or "?")
+    return spec.isa_label or spec.popcount_isa or "?"
 
 
 def int8_reduce_range() -> bool:
@@ -209,7 +205,7 @@ def bench_layer(c, h, w, *, threads, rounds, slow_rounds, spec):
                                                      / np.abs(want_f).max())
         fns["onnxruntime_int8"] = lambda: ort_q.run(None, {"x": x})
     except Exception as e:  # onnxruntime's quantizer failing must not hide the rest of the row
-        row["ort_int8_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+        row["ort_int8_error"] = f"{type(e).__name__}: {first_line(e, 300, empty='')}"
     res = time_interleaved(fns, rounds)
     # TVM's default pipeline leaves the conv unscheduled: slow, so timed apart with few runs
     target = tvm.target.Target(spec.tvm)
@@ -257,8 +253,8 @@ def bench_model(arch, workdir, *, threads, rounds):
         total = macs["binary"] + macs["float"]
         row["binary_macs"], row["float_macs"] = macs["binary"], macs["float"]
         row["binary_mac_share"] = macs["binary"] / total if total else 0.0
-    except Exception:
-        pass
+    except Exception as e:  # noqa: BLE001 - the row goes on without the MAC counts, and says why
+        row["binary_macs_error"] = f"{type(e).__name__}: {first_line(e, 300, empty='')}"
     ckpt = os.path.join(workdir, f"{arch}.pt")
     save_checkpoint(model, ckpt)
     out = os.path.join(workdir, f"{arch}.bundle")
@@ -294,7 +290,7 @@ def bench_model(arch, workdir, *, threads, rounds):
         q = ort_int8_session(ref, threads, name, MODEL_INPUT)
         fns["onnxruntime_int8"] = lambda: q.run(None, {name: x})
     except Exception as e:  # onnxruntime's quantizer failing must not hide the rest of the row
-        row["ort_int8_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+        row["ort_int8_error"] = f"{type(e).__name__}: {first_line(e, 300, empty='')}"
     res = time_interleaved(fns, rounds)
     row.update(res)
     _int8(row, res)
@@ -346,7 +342,7 @@ def format_models(rows) -> str:
 
 def summarize(res) -> dict:
     out = {}
-    tg = res.get("targets") or TARGETS
+    tg = res.get("targets") or GOALS
     layers = [r for r in res.get("layers", []) if "error" not in r]
     if layers:
         sp = [r["speedup"]["onnxruntime_fp32"] for r in layers]
@@ -409,7 +405,7 @@ def run(json_path="bench.json", chart="bench.png", quick=False, only="all", arch
                       "bdp layer = binarize + pack + popcount conv + float epilogue, float in and out; "
                       "onnxruntime INT8 = quantize_static, QDQ, S8S8, per-channel weights, min/max calibration "
                       "on 4 standard-normal inputs, reduce_range (7-bit weights) on hosts without VNNI"),
-           "int8_reduce_range": int8_reduce_range(), "targets": targets_for(spec.popcount_isa)}
+           "int8_reduce_range": int8_reduce_range(), "targets": targets_for(spec)}
     print(f"bdp bench: target {spec.name} ({spec.tvm.get('mcpu')}), bdp's popcount ISA {res['isa']}, "
           f"{threads} threads", flush=True)
     if only in ("wild", "training-code"):  # networks from the wild: toolchain/bench/wild.py, its own table and JSON
@@ -435,7 +431,7 @@ def run(json_path="bench.json", chart="bench.png", quick=False, only="all", arch
             try:
                 row = bench_layer(c, h, w, threads=threads, rounds=rounds, slow_rounds=1 if quick else 3, spec=spec)
             except Exception as e:  # keep going: one broken shape must not hide the others
-                row = {"shape": [c, h, w], "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"}
+                row = {"shape": [c, h, w], "error": f"{type(e).__name__}: {first_line(e, 300, empty='')}"}
             res["layers"].append(row)
             print(format_layers([row]).splitlines()[-1], flush=True)
         print(format_layers(res["layers"]))
@@ -447,7 +443,7 @@ def run(json_path="bench.json", chart="bench.png", quick=False, only="all", arch
                 try:
                     row = bench_model(arch, tmp, threads=threads, rounds=5 if quick else 20)
                 except Exception as e:
-                    row = {"arch": arch, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"}
+                    row = {"arch": arch, "error": f"{type(e).__name__}: {first_line(e, 300, empty='')}"}
                 res["models"].append(row)
                 print(format_models([row]).splitlines()[-1], flush=True)
         print(format_models(res["models"]))

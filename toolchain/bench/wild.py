@@ -41,6 +41,8 @@ import time
 
 import numpy as np
 
+from bdp.errors import first_line
+
 LARQ_ORDER = ("QuickNet", "QuickNetSmall", "BiRealNet", "BinaryDenseNet28", "RealToBinaryNet", "BinaryAlexNet",
               "XNORNet")
 BREVITAS = ("tfc_1w1a", "sfc_1w1a", "lfc_1w1a", "cnv_1w1a")
@@ -326,7 +328,7 @@ def run_wild(res, json_path, *, threads, quick=False, wild_dir=None, workdir=Non
                 try:
                     row = bench_network(name, path, x, want, kind, tmp, threads=threads, rounds=rounds)
                 except Exception as e:  # keep going: one network must not hide the others
-                    row = {"name": name, "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"}
+                    row = {"name": name, "error": f"{type(e).__name__}: {first_line(e, 300, empty='')}"}
                 finally:
                     os.remove(path)
             res["wild"].append(row)

@@ -34,8 +34,9 @@ import json
 import os
 from contextlib import contextmanager
 
-from bdp.errors import InputError
+from bdp.errors import InputError, first_line
 from bdp.files import atomic_folder, check_output_folder, only_these_files
+from bdp.targets.spec import configure_runtime_threads
 
 from . import manifest as _manifest
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, MAX_MANIFEST_BYTES, Manifest  # noqa: F401 (re-exported)
@@ -188,6 +189,7 @@ class Bundle:
         return np.ascontiguousarray(x)
 
     def run_raw(self, tvm_input):
+        configure_runtime_threads()  # TVM's pool is per thread: this one's, once (a no-op after)
         try:
             return self._vm["main"](tvm_input)
         except (ValueError, TypeError, RuntimeError) as e:  # TVM checks the arguments against the program
@@ -235,7 +237,6 @@ def load_bundle(bundle_dir, verify=True, trust=None) -> Bundle:
     from tvm import relax
 
     from bdp.targets import elf
-    from bdp.targets.spec import configure_runtime_threads
 
     configure_runtime_threads()  # before TVM's thread pool starts (its first parallel call)
     manifest = read_manifest(bundle_dir, verify=verify, trust=trust)
@@ -251,11 +252,11 @@ def load_bundle(bundle_dir, verify=True, trust=None) -> Bundle:
         lib = tvm_ffi.load_module(os.path.realpath(lib_path), keep_module_alive=False)
     except Exception as e:  # TVM raises several kinds for a library it cannot use
         raise InputError(f"{bundle_dir}: cannot load {manifest.library} "
-                         f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})") from None
+                         f"({first_line(e, 160)})") from None
     dev = tvm.cpu()
     try:
         vm = relax.VirtualMachine(lib, dev)
     except Exception as e:
         raise InputError(f"{bundle_dir}: {manifest.library} is not a Relax VM executable "
-                         f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})") from None
+                         f"({first_line(e, 160)})") from None
     return Bundle(str(bundle_dir), manifest, vm, dev, lib)

@@ -29,6 +29,7 @@ import re
 from dataclasses import dataclass, field
 
 from bdp.errors import InputError
+from bdp.targets.spec import arches
 
 FORMAT = "bdp-bundle"
 FORMAT_VERSION = 1
@@ -40,7 +41,6 @@ MAX_ELEMENTS = 1 << 31   # of one tensor (a 8 GiB float32 tensor is no bundle in
 MAX_OUTPUTS = 256
 MAX_FILES = 10_000
 DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
-ARCHES = ("x86_64", "aarch64", "cuda")
 TASKS = ("semseg", "depth", "normals", "edges", "unknown")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")
 _OUTPUT_NAME = re.compile(r"[^/\\\x00-\x1f\x7f]{1,128}")
@@ -167,8 +167,8 @@ class Target(_DictRead):
     def from_dict(cls, d, where="manifest"):
         d = _obj(where, "target", d)
         arch = d.get("arch")
-        if arch not in ARCHES:
-            _fail(where, f"'target.arch' {_show(arch)} is not one of {', '.join(ARCHES)}")
+        if arch not in arches():
+            _fail(where, f"'target.arch' {_show(arch)} is not one of {', '.join(arches())}")
         roh = d.get("run_on_hardware", False)
         if not isinstance(roh, bool):
             _fail(where, f"'target.run_on_hardware' must be true or false, got {_show(roh)}")

@@ -14,7 +14,7 @@ import io
 import os
 import warnings
 
-from bdp.errors import InputError
+from bdp.errors import InputError, first_line
 
 MIN_OPSET = 13
 DEFAULT_SHAPE = (1, 3, 256, 320)
@@ -109,7 +109,7 @@ def load_onnx(path):
 
             load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
         except Exception as e:
-            raise InputError(f"{path}: cannot load external data ({str(e).splitlines()[0][:160]})") from None
+            raise InputError(f"{path}: cannot load external data ({first_line(e, 160)})") from None
     _drop_bdp_functions(model)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None or opset < MIN_OPSET:
@@ -346,8 +346,8 @@ def to_onnx(path, input_shape=None, trust_model=False, example_input=None):
             names = _program_output_names(prog)
             if names and len(names) == len(model.graph.output):
                 rename_outputs(model, names)
-        except Exception:
-            pass
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError, RuntimeError):  # a signature of another
+            pass  # form: the outputs keep the exporter's names (the manifest lists them as they are)
     else:
         model = load_onnx(path)
     info["input_shape"] = shape

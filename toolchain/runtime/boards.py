@@ -23,7 +23,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 
-from bdp.errors import InputError
+from bdp.errors import InputError, first_line
 
 DEFAULT_TIMEOUT = 30.0
 
@@ -74,7 +74,7 @@ def _read_config(path, missing_ok, name="NAME") -> dict:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError, UnicodeDecodeError) as e:
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        why = first_line(e, None)
         raise InputError(f"{path}: corrupt device config ({why}); fix or delete it, then "
                          f"{_how_to_add(name, path)}") from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):

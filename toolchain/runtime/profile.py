@@ -39,7 +39,7 @@ def _kernel_module(lib, symbol):
         try:
             if m.implements_function(symbol, False):
                 return m
-        except Exception:
+        except (RuntimeError, ValueError, TypeError, AttributeError):  # a module kind that cannot say: not it
             pass
         todo.extend(getattr(m, "imports", ()) or ())
     return None

@@ -50,6 +50,7 @@ import numpy as np
 
 from bdp.errors import InputError
 from bdp.targets.library import read_library_bin
+from bdp.targets.spec import spec_of_manifest
 
 from .boards import fmt_address, resolve_device
 from .rpc import connect, first_line, needed_host_arch, preflight, remote_info, remote_threads
@@ -128,7 +129,8 @@ def kernel_calls(lib_path, manifest) -> list[KernelCall]:
             tvm_ffi.register_global_func(k, make_stub(k), override=True)
             registered.append(k)
         # the bytecode may name two devices (a GPU and the host); here both are this CPU
-        gpu = manifest.get("target", {}).get("arch") == "cuda"
+        spec = spec_of_manifest(manifest.get("target", {}))
+        gpu = spec is not None and spec.is_gpu
         vm = VirtualMachine(ex, [tvm.cpu(0), tvm.cpu(0)] if gpu else tvm.cpu(0))
         vm.set_instrument(zero_allocations)
         inp = manifest["input"]
@@ -138,7 +140,7 @@ def kernel_calls(lib_path, manifest) -> list[KernelCall]:
         for k in registered:
             try:
                 tvm_ffi.remove_global_func(k)
-            except Exception:
+            except (RuntimeError, ValueError):  # TVM's errors; a stub left registered is harmless
                 pass
     return order
 
@@ -262,11 +264,12 @@ def profile_remote(bundle_dir=".", device="local", rpc=None, tracker=None, key=N
     if info["arch"] and need and info["arch"] != need:
         raise InputError(f"{bundle_dir}: the bundle is built for {built_for} but the board behind {where} is "
                          f"{info['arch']} ({info['triple']}); compile for that board or choose another device")
-    if target.get("arch") == "cuda":
+    spec = spec_of_manifest(target)
+    if spec is not None and spec.is_gpu:
         devs = [sess.cuda(0), sess.cpu(0)]
         try:
             has_gpu = bool(devs[0].exist)
-        except Exception:
+        except (RuntimeError, ValueError, OSError):  # TVM's (and RPC's) errors: said just below
             has_gpu = False
         if not has_gpu:
             raise InputError(f"{bundle_dir}: a CUDA bundle, but the board behind {where} has no CUDA device "
@@ -321,7 +324,7 @@ def profile_remote(bundle_dir=".", device="local", rpc=None, tracker=None, key=N
     finally:
         try:
             sess.remove(remote_name)
-        except Exception:
+        except (RuntimeError, ValueError, OSError):  # the board's temporary folder keeps a copy; harmless
             pass
 
     result = {

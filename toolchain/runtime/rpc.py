@@ -162,8 +162,8 @@ def remote_info(sess) -> dict:
     for key, fname in (("triple", "target.llvm_get_system_triple"), ("cpu", "target.llvm_get_system_cpu")):
         try:
             info[key] = str(sess.get_function(fname)())
-        except Exception:  # a runtime-only server (e.g. the C++ tvm_rpc) has no LLVM helpers
-            pass
+        except (RuntimeError, ValueError, AttributeError):  # a runtime-only server (e.g. the C++ tvm_rpc)
+            pass  # has no LLVM helpers: the field stays None, and the caller says what it could not check
     info["arch"] = _norm_arch(info["triple"])
     info["threads"] = remote_threads(sess)
     return info
@@ -172,12 +172,15 @@ def remote_info(sess) -> dict:
 def remote_threads(sess):
     try:
         return int(sess.get_function("runtime.NumThreads")())
-    except Exception:
+    except (RuntimeError, ValueError, AttributeError, TypeError):  # not told: the result says None
         return None
 
 
 def needed_host_arch(manifest) -> str | None:
-    arch = manifest.get("target", {}).get("arch")
-    if arch == "cuda":
-        return "x86_64"  # the cuda target's host code is built for the compiling x86-64 machine
-    return _norm_arch(arch)
+    """The machine a board must be to load the bundle's library (its target spec's
+    ``library_arch``; for a target unknown here, the manifest's ``arch``)."""
+    from bdp.targets.spec import spec_of_manifest
+
+    target = manifest.get("target", {})
+    spec = spec_of_manifest(target)
+    return _norm_arch(spec.library_arch if spec is not None else target.get("arch"))

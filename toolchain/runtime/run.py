@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from bdp.errors import InputError
+from bdp.errors import InputError, first_line
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 MAX_IMAGE_PIXELS = 64_000_000  # input images larger than this are refused (decompression bombs)
@@ -19,7 +19,7 @@ def load_npy(path) -> np.ndarray:
     try:
         x = np.load(path, allow_pickle=False)
     except Exception as e:
-        raise InputError(f"{path}: not a readable .npy array ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None
+        raise InputError(f"{path}: not a readable .npy array ({first_line(e, 160)})") from None
     if not isinstance(x, np.ndarray):
         raise InputError(f"{path}: expected one array (.npy), got an archive")
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
@@ -59,7 +59,7 @@ def load_image(path, preprocess: dict, shape) -> tuple[np.ndarray, np.ndarray]:
     except Image.DecompressionBombError:
         raise InputError(f"{path}: image is over {limit} (a decompression bomb?)") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        msg = first_line(e, 160)
         raise InputError(f"{path}: not a readable image ({msg})") from None
     if rgb.size != (w, h):
         rgb = rgb.resize((w, h), Image.Resampling.BILINEAR)
