@@ -137,6 +137,12 @@ def read_manifest(bundle_dir, verify=True, trust=None) -> Manifest:
         verify_manifest(bundle_dir, data, key)
     for rel in man.files:
         _safe_rel(bundle_dir, rel)
+    if key:  # a signed bundle is exactly its signed files: nothing unlisted, no links, no devices
+        ok, why = only_these_files(bundle_dir, set(man.files) | {MANIFEST, SIGNATURE})
+        if not ok:
+            raise InputError(f"{bundle_dir}: holds what its signed manifest does not list ({why[len('it holds '):]}); "
+                             "with a trust key a bundle must be exactly its signed files (links and special files "
+                             "are refused too)")
     if verify or key:
         for rel, meta in man.files.items():
             full = _safe_rel(bundle_dir, rel)
