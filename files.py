@@ -23,6 +23,7 @@ import errno
 import os
 import re
 import shutil
+import stat
 import tempfile
 
 from bdp.errors import InputError
@@ -73,12 +74,27 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+# tempfile's random part: 8 characters of this set (tempfile._RandomNameSequence)
+_RANDOM = r"[a-z0-9_]{8}"
+
+
+def _stale_pattern(path):
+    """The exact names bdp gives its temporaries beside PATH: ``.NAME.tmp-PID-XXXXXXXX`` plus
+    NAME's extension (a file, :func:`atomic_path`) or nothing (a folder), ``.NAME.old-PID-XXXXXXXX``
+    (a folder being replaced); XXXXXXXX is tempfile's random part."""
+    base = os.path.basename(path)
+    ext = re.escape(os.path.splitext(path)[1])
+    return re.compile(rf"\.{re.escape(base)}\.(?:tmp-(\d+)-{_RANDOM}(?:{ext})?|old-(\d+)-{_RANDOM})")
+
+
 def clean_stale_temps(path):
-    """Remove temporary files and folders that a killed bdp left beside PATH (``.NAME.tmp-PID-*``,
-    ``.NAME.old-PID-*``) whose process no longer runs."""
+    """Remove temporary files and folders that a killed bdp left beside PATH whose process no
+    longer runs. Only what bdp can tell it made: a name of exactly the pattern bdp writes
+    (:func:`_stale_pattern`), a plain file or folder (no link), owned by this user; a user's
+    file whose name merely resembles it (``.out.npz.tmp-4000000-notes.txt``) is left alone."""
     path = os.path.abspath(os.fspath(path))
-    parent, base = os.path.dirname(path), os.path.basename(path)
-    pat = re.compile(rf"\.{re.escape(base)}\.(?:tmp|old)-(\d+)-[A-Za-z0-9_]+(?:\.[A-Za-z0-9]+)?")
+    parent = os.path.dirname(path)
+    pat = _stale_pattern(path)
     try:
         names = os.listdir(parent)
     except OSError:
@@ -86,14 +102,22 @@ def clean_stale_temps(path):
     removed = []
     for n in names:
         m = pat.fullmatch(n)
-        if not m or _pid_alive(int(m.group(1))):
+        if not m or _pid_alive(int(m.group(1) or m.group(2))):
             continue
         full = os.path.join(parent, n)
-        if os.path.isdir(full) and not os.path.islink(full):
+        try:
+            st = os.lstat(full)
+        except OSError:
+            continue
+        if st.st_uid != os.getuid():
+            continue
+        if stat.S_ISDIR(st.st_mode):
             shutil.rmtree(full, ignore_errors=True)
-        else:
+        elif stat.S_ISREG(st.st_mode) and m.group(1):
             with contextlib.suppress(OSError):
                 os.remove(full)
+        else:
+            continue
         removed.append(full)
     return removed
 
@@ -113,11 +137,52 @@ def _tmp_prefix(path, kind="tmp"):
     return f".{os.path.basename(path)}.{kind}-{os.getpid()}-"
 
 
+def _write_target(path):
+    """(where to write, in place?) for the output file PATH. A symbolic link is followed to the
+    path it names (the link stays a link); a link through /proc or /dev/fd (``/dev/stdout``) and
+    anything that exists and is not a regular file (a device, a FIFO) is written in place, never
+    replaced by a rename."""
+    seen = 0
+    while os.path.islink(path):
+        seen += 1
+        if seen > 40:
+            raise InputError(f"{path}: too many levels of symbolic links")
+        try:
+            dest = os.readlink(path)
+        except OSError as e:
+            raise _os_error(path, e, "read") from None
+        path = os.path.normpath(os.path.join(os.path.dirname(path), dest))
+        if path.startswith(("/proc/", "/dev/fd/")):
+            return path, True
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return path, False
+    except OSError as e:
+        raise _os_error(path, e, "reach") from None
+    return path, not stat.S_ISREG(st.st_mode)
+
+
+def _user_fault(path, e):
+    """E (raised while writing PATH) as an InputError naming PATH when the user's machine caused it
+    (disk full, no permission, read-only file system); else E itself."""
+    return _os_error(path, e) if is_user_os_error(e) else e
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside PATH; on success it replaces PATH in one rename, on any
-    error it is removed and PATH is left as it was."""
+    error it is removed and PATH is left as it was. PATH that is a device or a FIFO (or a link to
+    one) is yielded itself, to be written in place; a link to a file is followed, and the file it
+    names replaced. A disk that is full or read-only while writing is an InputError naming PATH."""
     path = check_output_file(path)
+    path, in_place = _write_target(path)
+    if in_place:
+        try:
+            yield path
+        except OSError as e:
+            raise _user_fault(path, e) from None
+        return
     d = os.path.dirname(path)
     clean_stale_temps(path)
     try:
@@ -128,7 +193,10 @@ def atomic_path(path):
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a written file gets the usual mode
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:
+            raise _user_fault(path, e) from None
         try:
             os.replace(tmp, path)
         except OSError as e:

@@ -147,3 +147,133 @@ def test_board_runner_refuses_an_empty_bdp_trust(tmp_path):
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     assert "BDP_TRUST is set but empty" in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ---- 2. outputs: never replace what is not a regular file; remove only bdp's own temporaries
+
+def _x(tmp_path):
+    x = tmp_path / "x.npy"
+    np.save(x, np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32))
+    return x
+
+
+def test_a_device_output_is_written_in_place(bundle, tmp_path):
+    x = _x(tmp_path)
+    dev = tmp_path / "null"
+    try:
+        os.mknod(dev, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # the same device as /dev/null
+    except PermissionError:
+        dev = "/dev/null"  # not root: /dev/null cannot be replaced anyway, but is written through
+    p = run_cli("run", bundle, "--input", x, "-o", dev)
+    assert p.returncode == 0, p.stderr
+    assert stat.S_ISCHR(os.lstat(dev).st_mode), "the device was replaced by a file"
+    # a link to a device: the same, and the link stays
+    os.symlink(dev, tmp_path / "to-null.npz")
+    p = run_cli("run", bundle, "--input", x, "-o", tmp_path / "to-null.npz")
+    assert p.returncode == 0, p.stderr
+    assert os.path.islink(tmp_path / "to-null.npz") and stat.S_ISCHR(os.lstat(dev).st_mode)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+
+
+def test_a_fifo_output_is_written_in_place(bundle, tmp_path):
+    import threading
+
+    x = _x(tmp_path)
+    fifo = tmp_path / "pipe.npz"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo, "rb").read()), daemon=True)
+    reader.start()
+    p = run_cli("run", bundle, "--input", x, "-o", fifo, timeout=120)
+    reader.join(60)
+    assert p.returncode == 0, p.stderr
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode), "the FIFO was replaced by a file"
+    assert got and got[0][:2] == b"PK", "the outputs did not go through the FIFO"
+
+
+def _full_device(tmp_path):
+    """A device like /dev/full (every write: ENOSPC) of the test's own, so that a bdp that
+    replaces devices by files replaces this one, not the system's."""
+    dev = tmp_path / "full"
+    try:
+        os.mknod(dev, stat.S_IFCHR | 0o666, os.makedev(1, 7))
+    except PermissionError:
+        pytest.skip("not root: cannot make a device node (the system's /dev/full is not risked)")
+    return dev
+
+
+def test_a_full_device_is_an_input_fault_not_success(bundle, tmp_path):
+    x = _x(tmp_path)
+    full = _full_device(tmp_path)
+    assert_input_error(run_cli("profile", bundle, "--runs", "1", "--warmup", "0", "--json", full),
+                       str(full), "No space left on device")
+    assert stat.S_ISCHR(os.lstat(full).st_mode)
+    assert_input_error(run_cli("run", bundle, "--input", x, "-o", full), str(full), "No space left")
+    assert stat.S_ISCHR(os.lstat(full).st_mode)
+
+
+def test_a_symlink_output_is_written_through_and_stays_a_link(bundle, tmp_path):
+    x = _x(tmp_path)
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "result.npz"
+    target.write_bytes(b"old")
+    os.symlink("real/result.npz", tmp_path / "out.npz")
+    p = run_cli("run", bundle, "--input", x, "-o", tmp_path / "out.npz")
+    assert p.returncode == 0, p.stderr
+    assert os.readlink(tmp_path / "out.npz") == "real/result.npz"
+    with np.load(target) as z:
+        assert sorted(z.files) == ["depth", "semseg"]
+    # a dangling link: the file it names is made
+    target.unlink()
+    p = run_cli("run", bundle, "--input", x, "-o", tmp_path / "out.npz")
+    assert p.returncode == 0, p.stderr
+    assert os.path.islink(tmp_path / "out.npz") and target.is_file()
+    assert not [n for d in (tmp_path, tmp_path / "real") for n in os.listdir(d) if n.startswith(".")]
+
+
+def test_json_to_dev_stdout_keeps_the_link_and_the_file_stdout_is(bundle, tmp_path):
+    """``--json /dev/stdout`` with stdout redirected to a file: the JSON goes into that file (the
+    same inode), and the link stays a link. A link of our own stands in for /dev/stdout (the bug
+    replaced /dev/stdout itself)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "stdout"
+    os.symlink("/proc/self/fd/1", out)
+    log = tmp_path / "log.txt"
+    with open(log, "wb") as f:
+        ino = os.fstat(f.fileno()).st_ino
+        p = subprocess.run([sys.executable, "-m", "bdp.toolchain.cli", "profile", str(bundle), "--runs", "1",
+                            "--warmup", "0", "--json", str(out)], stdout=f, stderr=subprocess.PIPE, text=True,
+                           timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert os.path.islink(out) and os.readlink(out) == "/proc/self/fd/1"
+    assert os.stat(log).st_ino == ino, "the file behind stdout was replaced"
+    text = log.read_text()
+    assert "median" in text, text[:200]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+
+
+def test_cleanup_removes_only_bdps_own_temporaries(bundle, tmp_path):
+    from hostile_common import tiny_onnx
+
+    x = _x(tmp_path)
+    notes = tmp_path / ".out.npz.tmp-4000000-notes.txt"
+    notes.write_text("my notes")
+    keep = tmp_path / ".bundle.old-4000001-keep"
+    keep.mkdir()
+    (keep / "photo.jpg").write_bytes(b"jpg")
+    lookalike = tmp_path / ".out.npz.tmp-4000000-abcdefghij.npz"  # random part of the wrong length
+    lookalike.write_text("mine")
+    stale = tmp_path / ".out.npz.tmp-4000000-ab_de9gh.npz"  # exactly what a killed bdp leaves
+    stale.write_text("half")
+    stale_dir = tmp_path / ".bundle.tmp-4000002-k2ll3d_x"
+    stale_dir.mkdir()
+    p = run_cli("run", bundle, "--input", x, "-o", tmp_path / "out.npz")
+    assert p.returncode == 0, p.stderr
+    model = tiny_onnx(tmp_path / "tiny.onnx")
+    p = run_cli("compile", model, "-o", tmp_path / "bundle", "--no-reference")
+    assert p.returncode == 0, p.stderr
+    assert notes.read_text() == "my notes" and (keep / "photo.jpg").read_bytes() == b"jpg"
+    assert lookalike.read_text() == "mine"
+    assert not stale.exists() and not stale_dir.exists()

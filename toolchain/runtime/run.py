@@ -93,8 +93,12 @@ def load_input(path, manifest) -> tuple[np.ndarray, np.ndarray | None]:
 def save_npz(path, outputs: dict):
     from bdp.files import atomic_path
 
+    import io
+
+    buf = io.BytesIO()  # zipfile seeks back: built in memory, then written (a device or FIFO cannot seek)
+    np.savez(buf, **outputs)  # a file object: numpy appends no ".npz" to a name without it
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **outputs)  # a file object: numpy appends no ".npz" to a name without it
+        f.write(buf.getbuffer())
 
 
 def device_of(manifest):
