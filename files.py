@@ -163,10 +163,37 @@ def _write_target(path):
     return path, not stat.S_ISREG(st.st_mode)
 
 
+LOW_SPACE = 1 << 20  # a write that failed with less than this free beside it failed for lack of space
+
+
+def _disk_fault(path, e):
+    """An InputError naming PATH when E, raised while PATH was being written, is the user's
+    machine's doing: an OSError of :data:`USER_ERRNOS`, or any error (a library that reports a
+    failed write in its own words: torch's "unexpected pos", TVM's "Compilation error") while the
+    file system PATH is on is full or read-only. None when it is not (a fault of bdp itself).
+    Call it before removing the temporaries: they hold the space that ran out."""
+    if isinstance(e, InputError):
+        return None
+    if is_user_os_error(e):
+        return _os_error(path, e)
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY:
+        return InputError(f"{path}: cannot write (read-only file system)")
+    free = st.f_bavail * st.f_frsize
+    if free < LOW_SPACE or (st.f_files and not st.f_favail):
+        what = f"{free // 1024} KiB free" if free < LOW_SPACE else "no free inodes"
+        return InputError(f"{path}: cannot write (no space left on device: {what} on its file system); "
+                          "free some space or write elsewhere")
+    return None
+
+
 def _user_fault(path, e):
     """E (raised while writing PATH) as an InputError naming PATH when the user's machine caused it
     (disk full, no permission, read-only file system); else E itself."""
-    return _os_error(path, e) if is_user_os_error(e) else e
+    return _disk_fault(path, e) or e
 
 
 @contextlib.contextmanager
@@ -195,8 +222,11 @@ def atomic_path(path):
     try:
         try:
             yield tmp
-        except OSError as e:
-            raise _user_fault(path, e) from None
+        except Exception as e:
+            fault = _disk_fault(path, e)
+            if fault is None:
+                raise
+            raise fault from None
         try:
             os.replace(tmp, path)
         except OSError as e:
@@ -289,9 +319,12 @@ def atomic_folder(path, owned=None, force=False, what="folder"):
             raise _os_error(path, e) from None
         if old:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
+        fault = _disk_fault(path, e) if isinstance(e, Exception) else None  # before the space is freed
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if fault is None:
+            raise
+        raise fault from None
 
 
 def is_inside(path, folder) -> bool:

@@ -277,3 +277,63 @@ def test_cleanup_removes_only_bdps_own_temporaries(bundle, tmp_path):
     assert notes.read_text() == "my notes" and (keep / "photo.jpg").read_bytes() == b"jpg"
     assert lookalike.read_text() == "mine"
     assert not stale.exists() and not stale_dir.exists()
+
+
+# ---- 3. a full or read-only disk is the user's machine's fault: exit 2, one line naming the path
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 128 KiB tmpfs (a disk that fills up) and a read-only one; needs root (mount)."""
+    import subprocess
+
+    full, ro = tmp_path / "full", tmp_path / "ro"
+    full.mkdir()
+    ro.mkdir()
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(full)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=128k", "tmpfs", str(ro)], check=True)
+    (full / "filler").write_bytes(b"\0" * (120 << 10))  # 8 KiB left: no bundle, no checkpoint fits
+    yield full, ro
+    for d in (full, ro):
+        subprocess.run(["umount", str(d)], check=False)
+
+
+def _last_line_is_input_fault(p, *needles):
+    """Exit 2, no traceback, the last line of stderr names the fault (train's progress bar may
+    come before it)."""
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    assert "Traceback" not in p.stderr and "internal error" not in p.stderr, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    for n in needles:
+        assert n in last, (n, last)
+
+
+def test_disk_full_during_init_compile_train_is_exit_2(small_disk, tmp_path):
+    from hostile_common import tiny_onnx
+
+    full, ro = small_disk
+    assert_input_error(run_cli("init", "bnn-baseline", "-o", full / "m.pt"), str(full / "m.pt"), "no space left")
+    model = tiny_onnx(tmp_path / "tiny.onnx")
+    assert_input_error(run_cli("compile", model, "-o", full / "bundle"), str(full / "bundle"), "no space left")
+    p = run_cli("train", "bnn-baseline", "-o", full / "t.pt", "--epochs", "1", "--n-train", "4", "--batch-size", "4",
+                "--size", "32,32", "--width", "8", "--device", "cpu")
+    _last_line_is_input_fault(p, str(full / "t.pt"), "no space left")
+    assert os.listdir(full) == ["filler"]  # nothing half-written left behind
+    # read-only: refused up front, one line naming the path
+    assert_input_error(run_cli("init", "bnn-baseline", "-o", ro / "m.pt"), str(ro))
+    assert_input_error(run_cli("compile", model, "-o", ro / "bundle"), str(ro))
+
+
+def test_disk_fault_mapping():
+    """The mapping itself: OSErrors of the user's machine, and a library's own words for a write that
+    failed while the disk is full, are InputErrors naming the path; anything else is left alone."""
+    import errno
+
+    from bdp.files import _disk_fault
+
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+        f = _disk_fault("/tmp/x.pt", OSError(code, os.strerror(code)))
+        assert isinstance(f, InputError) and str(f).startswith("/tmp/x.pt: cannot write"), f
+    assert _disk_fault("/tmp/x.pt", RuntimeError("unexpected pos 43712 vs 43608")) is None  # /tmp has room
+    assert _disk_fault("/tmp/x.pt", InputError("already one")) is None
