@@ -337,3 +337,57 @@ def test_disk_fault_mapping():
         assert isinstance(f, InputError) and str(f).startswith("/tmp/x.pt: cannot write"), f
     assert _disk_fault("/tmp/x.pt", RuntimeError("unexpected pos 43712 vs 43608")) is None  # /tmp has room
     assert _disk_fault("/tmp/x.pt", InputError("already one")) is None
+
+
+# ---- 4. limits enforced where the file is first opened
+
+def test_onnx_over_1_gib_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    import time
+
+    big = tmp_path / "big.onnx"
+    with open(big, "wb") as f:
+        f.truncate((1 << 30) + 1)  # sparse: no disk, no memory
+    t = time.perf_counter()
+    p = run_cli("compile", big, "-o", tmp_path / "b")
+    assert_input_error(p, str(big), "1 GiB limit")
+    assert time.perf_counter() - t < 60
+    assert not (tmp_path / "b").exists()
+    # in process: nothing is read or parsed
+    import onnx
+
+    from bdp.toolchain.frontend.loading import load_onnx
+
+    monkeypatch.setattr(onnx, "load_model_from_string", lambda *a: pytest.fail("parsed"))
+    with pytest.raises(InputError, match="1 GiB limit"):
+        load_onnx(big)
+
+
+def _npy_with_header(path, shape, dtype="<f4", data=b""):
+    from numpy.lib import format as npf
+
+    with open(path, "wb") as f:
+        npf.write_array_header_1_0(f, {"descr": dtype, "fortran_order": False, "shape": tuple(shape)})
+        f.write(data)
+    return path
+
+
+def test_npy_input_is_checked_from_its_header(bundle, tmp_path, monkeypatch):
+    # 2 GiB by its header (the data is not there: a bdp that reads first fails otherwise)
+    huge = _npy_with_header(tmp_path / "huge.npy", (1, 3, 16384, 10923))
+    assert_input_error(run_cli("run", bundle, "--input", huge), str(huge), "GiB", "limit")
+    # the wrong shape by its header, before the data is read
+    wrong = _npy_with_header(tmp_path / "wrong.npy", (2, 3, 8, 8))
+    assert_input_error(run_cli("run", bundle, "--input", wrong), "shape (2, 3, 8, 8)", "expects")
+    obj = _npy_with_header(tmp_path / "obj.npy", SHAPE, "|O")
+    assert_input_error(run_cli("run", bundle, "--input", obj), "dtype object")
+    short = _npy_with_header(tmp_path / "short.npy", SHAPE, data=b"\0" * 16)
+    assert_input_error(run_cli("run", bundle, "--input", short), "truncated")
+    # in process, a sparse 2 GiB file of exactly the declared size: np.load is never reached
+    from bdp.toolchain.runtime import run as run_mod
+
+    sparse = _npy_with_header(tmp_path / "sparse.npy", (1, 3, 16384, 10923))
+    with open(sparse, "r+b") as f:
+        f.truncate(os.path.getsize(sparse) + 3 * 16384 * 10923 * 4)
+    monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("the data was read"))
+    with pytest.raises(InputError, match="limit"):
+        run_mod.load_input(sparse, Manifest.read(bundle))
