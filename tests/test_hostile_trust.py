@@ -391,3 +391,43 @@ def test_npy_input_is_checked_from_its_header(bundle, tmp_path, monkeypatch):
     monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("the data was read"))
     with pytest.raises(InputError, match="limit"):
         run_mod.load_input(sparse, Manifest.read(bundle))
+
+
+# ---- 5. a Conv that cannot run is one line naming the node, before onnxruntime runs
+
+def _conv_onnx(path, cin, cout, group, k, hw, pads=1, wc=None, dil=1):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.ones((cout, wc or max(cin // group, 1), k, k), np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="the_conv", group=group, pads=[pads] * 4,
+                            dilations=[dil, dil])
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, hw, hw])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cout, "h", "w"])],
+                          initializer=[numpy_helper.from_array(w, "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+    return path
+
+
+@pytest.mark.parametrize("case,kw,needles", [
+    ("group-in", dict(cin=4, cout=6, group=3, k=3, hw=8, wc=2), ("group 3 does not divide", "4 input channels")),
+    ("group-out", dict(cin=6, cout=4, group=3, k=3, hw=8), ("group 3 does not divide", "4 output channels")),
+    ("weights", dict(cin=6, cout=6, group=3, k=3, hw=8, wc=3), ("3 channels per group", "its input has 6")),
+    ("kernel", dict(cin=3, cout=4, group=1, k=9, hw=4), ("kernel [9, 9]", "larger than its padded input")),
+    ("dilated", dict(cin=3, cout=4, group=1, k=3, hw=4, pads=0, dil=3), ("dilated: 7", "larger than")),
+])
+def test_conv_that_cannot_run_is_one_line(tmp_path, case, kw, needles):
+    model = _conv_onnx(tmp_path / f"{case}.onnx", **kw)
+    p = run_cli("compile", model, "-o", tmp_path / "b")
+    line = assert_input_error(p, "the_conv", *needles)
+    assert "\x1b[" not in p.stderr and "onnxruntime" not in line.lower(), p.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_conv_that_fits_still_compiles(tmp_path):
+    # a kernel exactly as wide as the padded input, and groups that divide: fine
+    model = _conv_onnx(tmp_path / "ok.onnx", cin=6, cout=6, group=3, k=6, hw=4)
+    p = run_cli("compile", model, "-o", tmp_path / "b")
+    assert p.returncode == 0, p.stderr
