@@ -431,3 +431,33 @@ def test_a_conv_that_fits_still_compiles(tmp_path):
     model = _conv_onnx(tmp_path / "ok.onnx", cin=6, cout=6, group=3, k=6, hw=4)
     p = run_cli("compile", model, "-o", tmp_path / "b")
     assert p.returncode == 0, p.stderr
+
+
+# ---- 6. one loaded bundle, several threads
+
+def test_one_bundle_called_from_four_threads(bundle):
+    import threading
+
+    import bdp
+
+    m = bdp.load(bundle)
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal(SHAPE).astype(np.float32) for _ in range(4)]
+    want = [m(x) for x in xs]
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(100):
+                got = m(xs[i])
+                for k in want[i]:
+                    np.testing.assert_array_equal(got[k], want[i][k])
+        except Exception as e:  # noqa: BLE001 (collected, reported below)
+            errors.append(f"thread {i}: {e!r}"[:300])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors

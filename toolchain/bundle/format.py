@@ -166,9 +166,16 @@ def host_can_run(manifest) -> tuple[bool, str]:
 
 
 class Bundle:
-    """A loaded bundle: ``bundle(x) -> {output name: numpy array}``."""
+    """A loaded bundle: ``bundle(x) -> {output name: numpy array}``.
+
+    One Bundle may be called from several threads: calls run one at a time (a lock; TVM's Relax
+    VM keeps one frame stack per VM, and calls overlapping on it fail or corrupt each other). For
+    calls in parallel, load the bundle once per thread."""
 
     def __init__(self, path, manifest, vm, dev, lib=None):
+        import threading
+
+        self._lock = threading.RLock()
         self.path = path
         self.lib = lib  # the loaded model.so (its kernels, for per-op timing)
         self.manifest = manifest
@@ -195,7 +202,8 @@ class Bundle:
 
     def run_raw(self, tvm_input):
         try:
-            return self._vm["main"](tvm_input)
+            with self._lock:
+                return self._vm["main"](tvm_input)
         except (ValueError, TypeError, RuntimeError) as e:  # TVM checks the arguments against the program
             msg = str(e)
             if "match_cast" not in msg and "ErrorContext" not in msg:
@@ -229,7 +237,8 @@ class Bundle:
         return res
 
     def __call__(self, x):
-        return self.outputs_to_dict(self.run_raw(self.to_device(x)))
+        with self._lock:  # outputs are read before another call may reuse the VM's buffers
+            return self.outputs_to_dict(self.run_raw(self.to_device(x)))
 
 
 def load_bundle(bundle_dir, verify=True, trust=None) -> Bundle:
