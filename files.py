@@ -23,6 +23,7 @@ import errno
 import os
 import re
 import shutil
+import stat
 import tempfile
 
 from bdp.errors import InputError
@@ -73,12 +74,27 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+# tempfile's random part: 8 characters of this set (tempfile._RandomNameSequence)
+_RANDOM = r"[a-z0-9_]{8}"
+
+
+def _stale_pattern(path):
+    """The exact names bdp gives its temporaries beside PATH: ``.NAME.tmp-PID-XXXXXXXX`` plus
+    NAME's extension (a file, :func:`atomic_path`) or nothing (a folder), ``.NAME.old-PID-XXXXXXXX``
+    (a folder being replaced); XXXXXXXX is tempfile's random part."""
+    base = os.path.basename(path)
+    ext = re.escape(os.path.splitext(path)[1])
+    return re.compile(rf"\.{re.escape(base)}\.(?:tmp-(\d+)-{_RANDOM}(?:{ext})?|old-(\d+)-{_RANDOM})")
+
+
 def clean_stale_temps(path):
-    """Remove temporary files and folders that a killed bdp left beside PATH (``.NAME.tmp-PID-*``,
-    ``.NAME.old-PID-*``) whose process no longer runs."""
+    """Remove temporary files and folders that a killed bdp left beside PATH whose process no
+    longer runs. Only what bdp can tell it made: a name of exactly the pattern bdp writes
+    (:func:`_stale_pattern`), a plain file or folder (no link), owned by this user; a user's
+    file whose name merely resembles it (``.out.npz.tmp-4000000-notes.txt``) is left alone."""
     path = os.path.abspath(os.fspath(path))
-    parent, base = os.path.dirname(path), os.path.basename(path)
-    pat = re.compile(rf"\.{re.escape(base)}\.(?:tmp|old)-(\d+)-[A-Za-z0-9_]+(?:\.[A-Za-z0-9]+)?")
+    parent = os.path.dirname(path)
+    pat = _stale_pattern(path)
     try:
         names = os.listdir(parent)
     except OSError:
@@ -86,14 +102,22 @@ def clean_stale_temps(path):
     removed = []
     for n in names:
         m = pat.fullmatch(n)
-        if not m or _pid_alive(int(m.group(1))):
+        if not m or _pid_alive(int(m.group(1) or m.group(2))):
             continue
         full = os.path.join(parent, n)
-        if os.path.isdir(full) and not os.path.islink(full):
+        try:
+            st = os.lstat(full)
+        except OSError:
+            continue
+        if st.st_uid != os.getuid():
+            continue
+        if stat.S_ISDIR(st.st_mode):
             shutil.rmtree(full, ignore_errors=True)
-        else:
+        elif stat.S_ISREG(st.st_mode) and m.group(1):
             with contextlib.suppress(OSError):
                 os.remove(full)
+        else:
+            continue
         removed.append(full)
     return removed
 
@@ -113,11 +137,79 @@ def _tmp_prefix(path, kind="tmp"):
     return f".{os.path.basename(path)}.{kind}-{os.getpid()}-"
 
 
+def _write_target(path):
+    """(where to write, in place?) for the output file PATH. A symbolic link is followed to the
+    path it names (the link stays a link); a link through /proc or /dev/fd (``/dev/stdout``) and
+    anything that exists and is not a regular file (a device, a FIFO) is written in place, never
+    replaced by a rename."""
+    seen = 0
+    while os.path.islink(path):
+        seen += 1
+        if seen > 40:
+            raise InputError(f"{path}: too many levels of symbolic links")
+        try:
+            dest = os.readlink(path)
+        except OSError as e:
+            raise _os_error(path, e, "read") from None
+        path = os.path.normpath(os.path.join(os.path.dirname(path), dest))
+        if path.startswith(("/proc/", "/dev/fd/")):
+            return path, True
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return path, False
+    except OSError as e:
+        raise _os_error(path, e, "reach") from None
+    return path, not stat.S_ISREG(st.st_mode)
+
+
+LOW_SPACE = 1 << 20  # a write that failed with less than this free beside it failed for lack of space
+
+
+def _disk_fault(path, e):
+    """An InputError naming PATH when E, raised while PATH was being written, is the user's
+    machine's doing: an OSError of :data:`USER_ERRNOS`, or any error (a library that reports a
+    failed write in its own words: torch's "unexpected pos", TVM's "Compilation error") while the
+    file system PATH is on is full or read-only. None when it is not (a fault of bdp itself).
+    Call it before removing the temporaries: they hold the space that ran out."""
+    if isinstance(e, InputError):
+        return None
+    if is_user_os_error(e):
+        return _os_error(path, e)
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY:
+        return InputError(f"{path}: cannot write (read-only file system)")
+    free = st.f_bavail * st.f_frsize
+    if free < LOW_SPACE or (st.f_files and not st.f_favail):
+        what = f"{free // 1024} KiB free" if free < LOW_SPACE else "no free inodes"
+        return InputError(f"{path}: cannot write (no space left on device: {what} on its file system); "
+                          "free some space or write elsewhere")
+    return None
+
+
+def _user_fault(path, e):
+    """E (raised while writing PATH) as an InputError naming PATH when the user's machine caused it
+    (disk full, no permission, read-only file system); else E itself."""
+    return _disk_fault(path, e) or e
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside PATH; on success it replaces PATH in one rename, on any
-    error it is removed and PATH is left as it was."""
+    error it is removed and PATH is left as it was. PATH that is a device or a FIFO (or a link to
+    one) is yielded itself, to be written in place; a link to a file is followed, and the file it
+    names replaced. A disk that is full or read-only while writing is an InputError naming PATH."""
     path = check_output_file(path)
+    path, in_place = _write_target(path)
+    if in_place:
+        try:
+            yield path
+        except OSError as e:
+            raise _user_fault(path, e) from None
+        return
     d = os.path.dirname(path)
     clean_stale_temps(path)
     try:
@@ -128,7 +220,13 @@ def atomic_path(path):
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a written file gets the usual mode
     try:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as e:
+            fault = _disk_fault(path, e)
+            if fault is None:
+                raise
+            raise fault from None
         try:
             os.replace(tmp, path)
         except OSError as e:
@@ -221,9 +319,12 @@ def atomic_folder(path, owned=None, force=False, what="folder"):
             raise _os_error(path, e) from None
         if old:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
+        fault = _disk_fault(path, e) if isinstance(e, Exception) else None  # before the space is freed
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if fault is None:
+            raise
+        raise fault from None
 
 
 def is_inside(path, folder) -> bool:

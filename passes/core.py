@@ -116,7 +116,7 @@ def run_onnxruntime(model: onnx.ModelProto, feeds: dict, optimize=True) -> list:
     if m.ir_version > 10:
         m.ir_version = 10
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # fatal only: a failing node is reported by the caller, on one line
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])

@@ -79,6 +79,7 @@ def _check_resources(model: onnx.ModelProto, shape, path):
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # shape inference is an estimate here; the compile reports real faults
         return
+    _check_conv_shapes(inferred, path)
     need = int(np.prod(shape)) * 4
     for vi in inferred.graph.value_info:
         tt = vi.type.tensor_type
@@ -91,6 +92,57 @@ def _check_resources(model: onnx.ModelProto, shape, path):
             size = 4
         need += int(np.prod(dims, dtype=np.float64)) * size
     check_memory(need, f"{path} at input shape {','.join(map(str, shape))}")
+
+
+def _known_shapes(model: onnx.ModelProto) -> dict:
+    """{value name: list of dims} for every value whose shape is fully known (inputs, value_info,
+    outputs, initializers)."""
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+    for vi in (*model.graph.input, *model.graph.value_info, *model.graph.output):
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim]
+        if dims and all(d > 0 for d in dims):
+            shapes.setdefault(vi.name, dims)
+    return shapes
+
+
+def _check_conv_shapes(model: onnx.ModelProto, path):
+    """Refuse, with one line naming the node, a Conv whose group does not divide its input or
+    output channels, whose weights do not have input channels / group channels, or whose (dilated)
+    kernel is larger than its padded input: onnxruntime and TVM would otherwise fail in their own
+    words, on several lines. MODEL carries inferred shapes; values of unknown shape are skipped."""
+    shapes = _known_shapes(model)
+    for i, node in enumerate(model.graph.node):
+        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        x, w = shapes.get(node.input[0]), shapes.get(node.input[1])
+        if not x or not w or len(x) != len(w) or len(x) < 3:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        name = node.name or f"#{i}"
+        where = f"{path}: node '{name}' (Conv)"
+        group = int(attrs.get("group", 1))
+        c, m, wc = x[1], w[0], w[1]
+        if group < 1 or c % group or m % group:
+            raise InputError(f"{where}: group {group} does not divide its {c} input channels and {m} output channels")
+        if wc * group != c:
+            raise InputError(f"{where}: weights {w} take {wc} channels per group x {group} groups = {wc * group}, "
+                             f"its input has {c}")
+        nd = len(x) - 2
+        auto_pad = attrs.get("auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            continue
+        pads = list(attrs.get("pads", [0] * (2 * nd))) if auto_pad != "VALID" else [0] * (2 * nd)
+        dil = list(attrs.get("dilations", [1] * nd))
+        if len(pads) != 2 * nd or len(dil) != nd:
+            continue
+        for k in range(nd):
+            padded = x[2 + k] + pads[k] + pads[k + nd]
+            span = dil[k] * (w[2 + k] - 1) + 1
+            if span > padded:
+                raise InputError(f"{where}: kernel {w[2:]} (dilated: {span} wide on axis {2 + k}) is larger than "
+                                 f"its padded input ({x[2 + k]} + pads {pads[k]}+{pads[k + nd]} = {padded}); "
+                                 "check the input shape (--input-shape) or the model")
 
 
 def _weights_bytes(model: onnx.ModelProto) -> int:

@@ -138,6 +138,12 @@ def read_manifest(bundle_dir, verify=True, trust=None) -> Manifest:
         verify_manifest(bundle_dir, data, key)
     for rel in man.files:
         _safe_rel(bundle_dir, rel)
+    if key:  # a signed bundle is exactly its signed files: nothing unlisted, no links, no devices
+        ok, why = only_these_files(bundle_dir, set(man.files) | {MANIFEST, SIGNATURE})
+        if not ok:
+            raise InputError(f"{bundle_dir}: holds what its signed manifest does not list ({why[len('it holds '):]}); "
+                             "with a trust key a bundle must be exactly its signed files (links and special files "
+                             "are refused too)")
     if verify or key:
         for rel, meta in man.files.items():
             full = _safe_rel(bundle_dir, rel)
@@ -161,9 +167,16 @@ def host_can_run(manifest) -> tuple[bool, str]:
 
 
 class Bundle:
-    """A loaded bundle: ``bundle(x) -> {output name: numpy array}``."""
+    """A loaded bundle: ``bundle(x) -> {output name: numpy array}``.
+
+    One Bundle may be called from several threads: calls run one at a time (a lock; TVM's Relax
+    VM keeps one frame stack per VM, and calls overlapping on it fail or corrupt each other). For
+    calls in parallel, load the bundle once per thread."""
 
     def __init__(self, path, manifest, vm, dev, lib=None):
+        import threading
+
+        self._lock = threading.RLock()
         self.path = path
         self.lib = lib  # the loaded model.so (its kernels, for per-op timing)
         self.manifest = manifest
@@ -191,7 +204,8 @@ class Bundle:
     def run_raw(self, tvm_input):
         configure_runtime_threads()  # TVM's pool is per thread: this one's, once (a no-op after)
         try:
-            return self._vm["main"](tvm_input)
+            with self._lock:
+                return self._vm["main"](tvm_input)
         except (ValueError, TypeError, RuntimeError) as e:  # TVM checks the arguments against the program
             msg = str(e)
             if "match_cast" not in msg and "ErrorContext" not in msg:
@@ -225,7 +239,8 @@ class Bundle:
         return res
 
     def __call__(self, x):
-        return self.outputs_to_dict(self.run_raw(self.to_device(x)))
+        with self._lock:  # outputs are read before another call may reuse the VM's buffers
+            return self.outputs_to_dict(self.run_raw(self.to_device(x)))
 
 
 def load_bundle(bundle_dir, verify=True, trust=None) -> Bundle:

@@ -47,6 +47,21 @@ _OUTPUT_NAME = re.compile(r"[^/\\\x00-\x1f\x7f]{1,128}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs):
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _DuplicateKey(k)
+            seen.add(k)
+    return d
+
+
 def _fail(where, what):
     raise InputError(f"{where}: manifest {what}")
 
@@ -381,7 +396,9 @@ class Manifest(_DictRead):
         if len(data) > MAX_MANIFEST_BYTES:
             _fail(where, f"is larger than {MAX_MANIFEST_BYTES // 1024} KiB")
         try:
-            d = json.loads(data.decode("utf-8"))
+            d = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+        except _DuplicateKey as e:
+            _fail(where, f"has the key {_show(e.args[0])} twice in one object (which one counts is ambiguous)")
         except (ValueError, UnicodeDecodeError):
             raise InputError(f"{where}: corrupt manifest (not valid JSON)") from None
         except RecursionError:

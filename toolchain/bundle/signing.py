@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 
 from bdp.errors import InputError
 
 SIGNATURE = "manifest.sig"
 TRUST_ENV = "BDP_TRUST"
 MAX_KEY_BYTES = 16 << 10
+# a .pub file: one PEM block and nothing else but white space around it
+_ONE_PUBLIC_PEM = re.compile(rb"[ \t\r\n]*-----BEGIN PUBLIC KEY-----\r?\n[A-Za-z0-9+/=\r\n]+"
+                             rb"-----END PUBLIC KEY-----[ \t\r\n]*")
 
 
 def _read_key_file(path, what):
@@ -56,6 +60,9 @@ def load_public_key(path):
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     data = _read_key_file(path, "public key")
+    if not _ONE_PUBLIC_PEM.fullmatch(data):  # OpenSSL reads the first block and ignores what follows
+        raise InputError(f"{path}: not exactly one PEM public key (text before or after it, or several keys); "
+                         "use the .pub file of `bdp keys new` as written")
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError):
@@ -107,13 +114,21 @@ def sign_manifest(bundle_dir, key_path, manifest_bytes: bytes):
 
 def trust_key_path(trust=None):
     """The configured trust key: TRUST, else $BDP_TRUST, else None (TRUST=False: none, for a
-    bundle bdp has just built itself)."""
+    bundle bdp has just built itself). A trust setting that is given but empty (``--trust ''``,
+    ``BDP_TRUST=''``) is an InputError, never "no key": a check the user asked for never fails
+    open."""
     if trust is False:
         return None
-    if trust:
-        return str(trust)
+    if trust is not None:
+        if not str(os.fspath(trust)).strip():
+            raise InputError("the trust key is an empty path; give the .pub file of `bdp keys new`")
+        return str(os.fspath(trust))
     env = os.environ.get(TRUST_ENV)
-    return env or None
+    if env is None:
+        return None
+    if not env.strip():
+        raise InputError(f"${TRUST_ENV} is set but empty; set it to a public key file (.pub) or unset it")
+    return env
 
 
 def verify_manifest(bundle_dir, manifest_bytes: bytes, trust):

@@ -86,9 +86,15 @@ def load_onnx(path):
     path = str(path)
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_MODEL_BYTES:  # from the file's size: nothing is read or parsed
+                raise InputError(f"{path}: the model file is {size / 2**30:.1f} GiB, over the "
+                                 f"{MAX_MODEL_BYTES / 2**30:.0f} GiB limit for a model file")
+            data = f.read(MAX_MODEL_BYTES + 1)  # a pipe or device has no size: read at most the limit
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    if len(data) > MAX_MODEL_BYTES:
+        raise InputError(f"{path}: the model file is over the {MAX_MODEL_BYTES / 2**30:.0f} GiB limit for a model file")
     if not data:
         raise InputError(f"{path}: empty file")
     try:

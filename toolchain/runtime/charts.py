@@ -59,7 +59,8 @@ def save_figure(fig, path):
             fig.savefig(tmp, format=fmt, dpi=DPI, metadata=meta)
             mask = os.umask(0)
             os.umask(mask)
-            os.chmod(tmp, 0o666 & ~mask)  # a temporary file is private; the chart is not
+            if os.path.isfile(tmp):  # not a device or FIFO written in place
+                os.chmod(tmp, 0o666 & ~mask)  # a temporary file is private; the chart is not
     return str(path)
 
 

@@ -12,12 +12,55 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 MAX_IMAGE_PIXELS = 64_000_000  # input images larger than this are refused (decompression bombs)
 
 
-def load_npy(path) -> np.ndarray:
+MAX_NPY_BYTES = 1 << 30  # an input array (README: "an input of at most 1 GiB")
+
+
+def _npy_header(path, f):
+    """(shape, dtype, data bytes) of the open .npy file F, from its header alone; InputError when
+    it is not one, holds objects or is over :data:`MAX_NPY_BYTES`."""
+    from numpy.lib import format as npf
+
+    try:
+        version = npf.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = npf.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = npf.read_array_header_2_0(f)
+        else:
+            shape, fortran, dtype = npf._read_array_header(f, version)
+    except Exception as e:
+        raise InputError(f"{path}: not a readable .npy array "
+                         f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None
+    if dtype.hasobject or not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+        raise InputError(f"{path}: array of dtype {dtype}; expected float32")
+    n = 1
+    for d in shape:
+        n *= int(d)
+    nbytes = n * dtype.itemsize
+    if nbytes > MAX_NPY_BYTES:
+        raise InputError(f"{path}: array of shape {tuple(shape)} {dtype} is {nbytes / 2**30:.1f} GiB, over the "
+                         f"{MAX_NPY_BYTES / 2**30:.0f} GiB limit for an input")
+    return tuple(shape), dtype, nbytes
+
+
+def load_npy(path, shape=None) -> np.ndarray:
+    """The array in the .npy file PATH; its header is checked first (dtype, size, and SHAPE when
+    given) so that a wrong or huge array is refused before its data is read."""
     path = str(path)
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
     try:
-        x = np.load(path, allow_pickle=False)
+        with open(path, "rb") as f:
+            got, _dtype, nbytes = _npy_header(path, f)
+            if shape is not None and got != tuple(shape):
+                raise InputError(f"{path}: array has shape {got}, the bundle expects {tuple(shape)}")
+            have = os.fstat(f.fileno()).st_size - f.tell()
+            if have < nbytes:
+                raise InputError(f"{path}: truncated .npy ({have:,} bytes of data, its header says {nbytes:,})")
+            f.seek(0)
+            x = np.load(f, allow_pickle=False)
+    except InputError:
+        raise
     except Exception as e:
         raise InputError(f"{path}: not a readable .npy array ({first_line(e, 160)})") from None
     if not isinstance(x, np.ndarray):
@@ -77,7 +120,7 @@ def load_input(path, manifest) -> tuple[np.ndarray, np.ndarray | None]:
     inp = manifest.input
     ext = os.path.splitext(str(path))[1].lower()
     if ext == ".npy":
-        x = load_npy(path)
+        x = load_npy(path, inp.shape)
         want = tuple(inp.shape)
         if tuple(x.shape) != want:
             raise InputError(f"{path}: array has shape {tuple(x.shape)}, the bundle expects {want}")
@@ -93,8 +136,12 @@ def load_input(path, manifest) -> tuple[np.ndarray, np.ndarray | None]:
 def save_npz(path, outputs: dict):
     from bdp.files import atomic_path
 
+    import io
+
+    buf = io.BytesIO()  # zipfile seeks back: built in memory, then written (a device or FIFO cannot seek)
+    np.savez(buf, **outputs)  # a file object: numpy appends no ".npz" to a name without it
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **outputs)  # a file object: numpy appends no ".npz" to a name without it
+        f.write(buf.getbuffer())
 
 
 def device_of(manifest):

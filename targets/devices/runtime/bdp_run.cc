@@ -595,7 +595,9 @@ Args parse_args(int argc, char** argv) {
   a.outdir = pos[2];
   if (a.trust.empty()) {
     const char* env = std::getenv("BDP_TRUST");
-    if (env && *env) a.trust = env;
+    // set but empty is an error, never "no key": a check the user asked for never fails open
+    if (env && !*env) fail(kExitInput, "BDP_TRUST is set but empty; set it to a public key file (.pub) or unset it");
+    if (env) a.trust = env;
   }
   return a;
 }
