@@ -198,3 +198,11 @@ def test_no_tables_keyed_by_isa():
             if any(isinstance(k, ast.Attribute) and k.attr == "popcount_isa" for k in keys):
                 bad.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}: {ast.unparse(node)}")
     assert not bad, "\n".join(bad)
+
+
+def test_readme_stays_a_guide():
+    """The README says how to use bdp and how it works in at most 350 lines; dated runs and
+    details live in docs/."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        n = sum(1 for _ in f)
+    assert n <= 350, f"README.md has {n} lines; move details to docs/"
