@@ -56,11 +56,25 @@ def check_demo_folder(out, force=False):
         extra = sorted(n for n in os.listdir(folder) if n not in DEMO_FILES and not _TEMP.fullmatch(n))
         return (not extra), (f"it holds {', '.join(extra[:3])}" if extra else "")
 
+    def pictures(folder):  # a picture folder of the demo: PNGs of the outputs and outputs.npz
+        extra = sorted(n for n in os.listdir(folder)
+                       if not (n == "outputs.npz" or n.endswith(".png")) or not os.path.isfile(os.path.join(folder, n)))
+        return (not extra), (f"it holds {', '.join(extra[:3])}" if extra else "")
+
     if os.path.isdir(out) and force:
         return
     check_output_folder(out, owned, False, "demo folder")
     if os.path.lexists(out) and not os.path.isdir(out):
         raise InputError(f"{out}: exists and is not a folder")
+    # every folder the demo will replace, checked now: a refusal comes before any training
+    from .bundle.format import check_bundle_output
+
+    for name in ("bundle-x86", "bundle-rpi4", ".bundle-x86-small"):
+        if os.path.lexists(os.path.join(out, name)):
+            check_bundle_output(os.path.join(out, name))
+    for name in ("photo", "synthetic"):
+        if os.path.lexists(os.path.join(out, name)):
+            check_output_folder(os.path.join(out, name), pictures, False, "picture folder")
 
 
 def run_demo(out="demo-out", arch="bireal-tiny", epochs=4, size=(128, 160), n_train=256, rpi4=True, force=False):
