@@ -33,6 +33,11 @@ from .shapes import _static_shapes, elem_types
 from .values import Analysis, describe_values, two_valued
 
 
+def _scalar(v) -> float:
+    """The one value of a constant of size 1, whatever its rank."""
+    return float(np.asarray(v).reshape(-1)[0])
+
+
 def _channel_vector(v, rank, axis, c):
     """Constant V broadcast over a rank-RANK tensor as a float64 vector [C] along AXIS; None when
     it varies along another axis."""
@@ -281,13 +286,13 @@ def _canonical_in_place(graph, an, report):
         if binarizers.match(t) is not None:
             continue
         tv = two_valued(an.step(t))
-        if tv is None or tv.point or tv.lo.size != 1 or tv.hi.size != 1 or float(tv.hi) != -float(tv.lo) \
-                or float(tv.hi) == 0.0 or tv.src is t:
+        if tv is None or tv.point or tv.lo.size != 1 or tv.hi.size != 1 or _scalar(tv.hi) != -_scalar(tv.lo) \
+                or _scalar(tv.hi) == 0.0 or tv.src is t:
             continue
         n.outputs = []
-        _binarizer(graph, tv, n.name + "_canon", scale=float(tv.hi), out=t)
+        _binarizer(graph, tv, n.name + "_canon", scale=_scalar(tv.hi), out=t)
         count += 1
-        report.notes.append(f"{n.name}: two-valued {{{-float(tv.hi):g}, {float(tv.hi):g}}} at {tv.src.name} >= "
+        report.notes.append(f"{n.name}: two-valued {{{-_scalar(tv.hi):g}, {_scalar(tv.hi):g}}} at {tv.src.name} >= "
                             f"{tv.threshold:g} (from {len(tv.nodes)} ops) rewritten to the canonical binarizer")
     return count
 
