@@ -67,7 +67,7 @@ def _step_losses(path):
     return [v for h in read_checkpoint(path)["meta"]["history"] for v in h["step_losses"]]
 
 
-def _assert_same_training(got, want):
+def _assert_same_training(got, want, later_rtol=None, weights_l2=1e-3):
     """Per-step losses within RTOL; final weights (parameters and BatchNorm statistics) close.
     (Not equal to the last bit: a gradient entry near 0 that float round-off moves by 1e-12 can
     still turn Adam's first step, lr * g / (|g| + 1e-8), from +lr to -lr; so the measure is the
@@ -75,9 +75,11 @@ def _assert_same_training(got, want):
     test_two_processes_compute_the_gradient_of_one.)"""
     lg, lw = _step_losses(got), _step_losses(want)
     assert len(lg) == len(lw) > 0, (lg, lw)
-    rel = max(abs(a - b) / abs(b) for a, b in zip(lg, lw))
+    rels = [abs(a - b) / abs(b) for a, b in zip(lg, lw)]
+    rel = max(rels)
     print(f"per-step losses {lw}; max relative difference {rel:.2e}")
-    assert rel <= RTOL, (lg, lw)
+    assert rels[0] <= RTOL, (lg, lw)  # the first step: the same forward on the same weights
+    assert max(rels) <= (later_rtol or RTOL), (lg, lw)
     sg, sw = read_checkpoint(got)["state_dict"], read_checkpoint(want)["state_dict"]
     assert sg.keys() == sw.keys()
     keys = [k for k in sw if sw[k].is_floating_point()]
@@ -89,7 +91,7 @@ def _assert_same_training(got, want):
     l2, share = float(d.norm() / w.norm()), float((d.abs() > 1e-5).double().mean())
     print(f"final weights: relative L2 difference {l2:.2e}, {100 * share:.3f}% of {d.numel()} entries differ "
           f"by > 1e-5, largest difference {float(d.abs().max()):.2e}")
-    assert l2 <= 1e-3
+    assert l2 <= weights_l2
     return rel
 
 
@@ -276,7 +278,12 @@ def test_two_processes_distill_as_one(tmp_path):
                       f"**{kw!r})\n")
     p = _torchrun(tmp_path, str(script))
     assert p.returncode == 0, p.stderr[-3000:]
-    _assert_same_training(str(tmp_path / "dp.pt"), ref)
+    # bi-mtdp-f is binary: a half batch per process makes oneDNN pick other conv kernels (other
+    # round-off), a value on a sign's threshold goes the other way, and Adam's first step turns a
+    # gradient that round-off moved across 0 into a whole -lr instead of +lr. On an AVX-512 machine
+    # (and at 183245d already) the first step's loss agreed to 1.5e-7, the second moved 0.28%, the
+    # weights 2.5e-3 in relative L2 after two steps: later steps are held to 1%, weights to 1e-2.
+    _assert_same_training(str(tmp_path / "dp.pt"), ref, later_rtol=1e-2, weights_l2=1e-2)
     assert _writes(tmp_path, tmp_path / "dp.pt") == ["0"]
 
 
