@@ -212,27 +212,7 @@ def n_binary(model) -> int:
 
 def build(style, width=16, blocks=4, seed=0, size=(32, 32)):
     torch.manual_seed(seed)
-    model = STENet(style, width, blocks)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "bias" in n and p.dim() == 4:  # learnable shifts
-                p.add_(0.3 * torch.randn(p.shape, generator=g))
-            if n.endswith(".b"):
-                p.fill_(0.5 + float(torch.rand((), generator=g)))
-            if n.endswith(".c"):
-                p.fill_(0.2 * float(torch.randn((), generator=g)))
-            if "prelu" in n:
-                p.copy_(0.25 + 0.1 * torch.randn(p.shape, generator=g))
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(4, 3, *size, generator=g))
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.6, 1.4, generator=g)
-                m.bias.normal_(0, 0.3, generator=g)
-    return model.eval()
+    return _trained_like(STENet(style, width, blocks), seed, size, batches=3, batch=4)
 
 
 def export(model, x, how, path):
@@ -352,20 +332,27 @@ def build_full(name, size=224, seed=0, scale=1.0, classes=1000):
     return model
 
 
-def _trained_like(model, seed, size):
+def _trained_like(model, seed, size, batches=1, batch=2):
+    """Trained-like statistics: learnable shifts, AdaBin's b and c, PReLU slopes drawn away from
+    their init; BatchNorm running stats from BATCHES calibration batches, then random gamma/beta."""
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for m in model.modules():  # torch's normal_ can draw an exact 0: sign(0) = 0, a ternary weight
             if isinstance(m, STEConv):
                 m.weight[m.weight == 0] = 1e-3
         for n, p in model.named_parameters():
-            if "bias" in n and p.dim() == 4:
+            if "bias" in n and p.dim() == 4:  # learnable shifts
                 p.add_(0.3 * torch.randn(p.shape, generator=g))
+            if n.endswith(".b"):
+                p.fill_(0.5 + float(torch.rand((), generator=g)))
+            if n.endswith(".c"):
+                p.fill_(0.2 * float(torch.randn((), generator=g)))
             if "prelu" in n:
                 p.copy_(0.25 + 0.1 * torch.randn(p.shape, generator=g))
     model.train()
     with torch.no_grad():
-        model(torch.randn(2, 3, *size, generator=g))
+        for _ in range(batches):
+            model(torch.randn(batch, 3, *size, generator=g))
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.uniform_(0.6, 1.4, generator=g)
