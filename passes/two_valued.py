@@ -30,7 +30,7 @@ from .binary_conv import _pad_attrs, own_pads, sign_scale, two_levels
 from .core import register_pass
 from .graph import const_value, from_gs, to_gs
 from .shapes import _static_shapes, elem_types
-from .values import Analysis, describe_values, two_valued
+from .values import MOVES, Analysis, describe_values, two_valued
 
 
 def _scalar(v) -> float:
@@ -246,7 +246,7 @@ def _split_weights(graph, conv, report):
     return True
 
 
-_MOVES = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
+_MOVES = MOVES + ("Identity",)  # the analysis's data movement, and Identity
 
 
 def _through_moves(x):
